@@ -1,0 +1,387 @@
+"""One typed config object for a whole run, loaded from YAML plus `key=value` overrides.
+
+Design decisions:
+- Nested dataclasses, one per part of the system; every field has a docstring. The YAML key, the
+  dataclass field and the MLflow param name are the same dotted path (`optim.lr`).
+- `load_config` rejects unknown keys, wrong types and impossible combinations with one
+  `ValueError` that names the key and what is accepted, so a typo never trains the wrong model.
+- Derived values (`head_dim`, `ffn_dim`, `global_batch_size`) are methods, never stored twice.
+- No Hydra, no exec: PyYAML's safe loader and a small type checker driven by the annotations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+AttentionBackend = Literal["auto", "triton", "sdpa", "reference"]
+MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Transformer LM (pre-norm, RMSNorm, RoPE, SwiGLU, untied head)."""
+
+    vocab_size: int = 10000
+    """Number of token ids; must cover every id the tokenizer emits."""
+    seq_len: int = 256
+    """Context length in tokens (training window and generation limit)."""
+    d_model: int = 512
+    """Residual stream width."""
+    num_layers: int = 12
+    """Number of Transformer blocks."""
+    num_heads: int = 8
+    """Attention heads per block; d_model must be divisible by it."""
+    d_ff: int | None = None
+    """SwiGLU hidden width; null means 8/3 * d_model rounded up to a multiple of 64."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the truncated-normal init (cut at +-3 std); output projections are scaled by 1/sqrt(2*num_layers)."""
+    attention_backend: AttentionBackend = "auto"
+    """Attention implementation: auto (triton on CUDA when available, else sdpa), triton, sdpa or reference."""
+
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.num_heads
+
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: d_ff, or 8/3 * d_model rounded up to a multiple of 64."""
+        if self.d_ff is not None:
+            return self.d_ff
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards live and how to make them when they are missing."""
+
+    data_dir: str = "data/tinystories-sample"
+    """Directory of token shards: train/, val/ and manifest.json (written by launch/prepare_data.py)."""
+    source: str = "bundled:tinystories"
+    """Text to tokenize when data_dir has no shards: 'bundled:tinystories' (the sample shipped in the
+    package), a local .txt/.jsonl/.parquet path, or a datasets hub name such as roneneldan/TinyStories."""
+    tokenizer_dir: str = "tokenizers/tinystories-10k"
+    """Tokenizer directory (vocab.json, merges.txt, tokenizer_config.json); shards must have been made with it."""
+    text_field: str = "text"
+    """Column that holds the text in jsonl/parquet/hub sources."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation when the source has no validation split (taken from the end)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyperparameters and the learning-rate schedule (linear warmup, cosine to a floor)."""
+
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-6
+    """Floor of the cosine decay, kept after cosine_steps."""
+    warmup_steps: int = 2000
+    """Linear warmup length, in optimizer steps."""
+    cosine_steps: int = 10000
+    """Optimizer step at which the cosine reaches min_lr (counted from step 0, warmup included)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon, added to the square root of the second moment."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay, applied to matrices only (not norms, not embeddings)."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global L2 norm; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, steps, precision, evaluation and logging."""
+
+    seed: int = 1337
+    """Fixes the init and the data order; the same seed and config give the same run."""
+    batch_size: int = 32
+    """Sequences per process per micro-step."""
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated into one optimizer step."""
+    max_steps: int = 10000
+    """Optimizer steps to train for."""
+    mixed_precision: MixedPrecision = "launcher"
+    """Autocast dtype: launcher (whatever the accelerate config / `accelerate launch --mixed_precision` says),
+    no, bf16, or fp16 (fp16 adds a gradient scaler)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    eval_interval: int = 500
+    """Evaluate on the validation split every this many optimizer steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation, per process."""
+    log_interval: int = 10
+    """Log loss, lr, grad norm and tokens/s every this many optimizer steps."""
+    sample_tokens: int = 200
+    """Tokens generated from the final model at the end of the run (0 skips it)."""
+    sample_prompt: str = "Once upon a time"
+    """Prompt for the end-of-run sample."""
+    resume: str = ""
+    """'' starts fresh (refusing a run_dir that already has checkpoints), 'latest' continues from the
+    newest checkpoint in run_dir, or a path to a checkpoint directory."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Safetensors checkpoints under run_dir/checkpoints/step_NNNNNNN/."""
+
+    interval: int = 1000
+    """Save every this many optimizer steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; 0 keeps all."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (main process only; a tracking failure warns and training goes on)."""
+
+    enabled: bool = True
+    """Log params and metrics to MLflow."""
+    tracking_uri: str = ""
+    """Where to log; '' uses MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory."""
+    experiment: str = "dist_lm"
+    """MLflow experiment name."""
+    system_metrics: bool = False
+    """Also log CPU/GPU/memory system metrics (needs psutil; pynvml for GPUs)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    name: str = "run"
+    """Run name, used for the MLflow run and the default run directory."""
+    run_dir: str = ""
+    """Where checkpoints and the resolved config go; '' means runs/<name>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def output_dir(self) -> Path:
+        """The run directory: run_dir, or runs/<name>."""
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def tokens_per_step(self, num_processes: int) -> int:
+        """Tokens consumed by one optimizer step across all processes."""
+        return self.global_batch_size(num_processes) * self.model.seq_len
+
+    def global_batch_size(self, num_processes: int) -> int:
+        """Sequences per optimizer step across all processes."""
+        return self.train.batch_size * self.train.grad_accum_steps * num_processes
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, type checking and validation
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or defaults when path is None) and apply dotted `key=value` overrides.
+
+    >>> cfg = load_config(None, ["optim.lr=3e-4", "model.num_layers=2"])
+    >>> cfg.optim.lr, cfg.model.num_layers
+    (0.0003, 2)
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/demo.yaml)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (e.g. the one stored in a checkpoint)."""
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain-Python dict of a config (tuples become lists, so it is YAML/JSON safe)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def flatten_config(cfg: RunConfig) -> dict[str, Any]:
+    """Dotted-key view of the config ({'optim.lr': 1e-4, ...}): the MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                flat[name] = value
+
+    walk("", config_to_dict(cfg))
+    return flat
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with load_config)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]!s} in {where}; accepted keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation; accept ints for floats and '1e-4' strings (YAML 1.1 reads them so)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"config key {key}={value!r} is not accepted; use {_type_name(hint)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key {key}={value!r} must be a list of {len(args)} numbers, e.g. [0.9, 0.95]")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {key}={value!r} must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {key}={value!r} must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key}={value!r} must be a string")
+    raise AssertionError(f"unsupported annotation {hint} for {key}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible values with a message that names the key and what is accepted."""
+    m, o, t, c = cfg.model, cfg.optim, cfg.train, cfg.checkpoint
+
+    def need(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            raise ValueError(f"config key {key}={value!r} is not accepted: {accepted}")
+
+    for key, value in [
+        ("model.vocab_size", m.vocab_size), ("model.seq_len", m.seq_len), ("model.d_model", m.d_model),
+        ("model.num_layers", m.num_layers), ("model.num_heads", m.num_heads),
+        ("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
+        ("train.max_steps", t.max_steps), ("train.eval_interval", t.eval_interval),
+        ("train.eval_batches", t.eval_batches), ("train.log_interval", t.log_interval),
+    ]:
+        need(value >= 1, key, value, "must be a positive integer")
+    need(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+         f"must divide model.d_model={m.d_model} (try a divisor such as {_divisor_hint(m.d_model, m.num_heads)})")
+    need(m.head_dim() % 2 == 0, "model.num_heads", m.num_heads,
+         f"head_dim = d_model/num_heads = {m.head_dim()} must be even for RoPE")
+    need(m.d_ff is None or m.d_ff >= 1, "model.d_ff", m.d_ff, "a positive integer or null")
+    need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    need(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    need(o.warmup_steps <= o.cosine_steps, "optim.warmup_steps", o.warmup_steps,
+         f"must be <= optim.cosine_steps={o.cosine_steps} (warmup cannot outlast the schedule)")
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "each beta in [0, 1)")
+    need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
+    need(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 saves only at the end)")
+    need(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "must be >= 0 (0 keeps all)")
+    need(t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0")
+    need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+
+
+def _divisor_hint(d_model: int, num_heads: int) -> int:
+    divisors = [h for h in range(1, d_model + 1) if d_model % h == 0 and (d_model // h) % 2 == 0]
+    return min(divisors, key=lambda h: abs(h - num_heads))

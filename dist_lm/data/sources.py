@@ -1,0 +1,136 @@
+"""Text sources: the bundled TinyStories sample, local files, and `datasets` hub names.
+
+Design decisions:
+- Every source is read as a stream of documents (`Iterator[str]`) split into `train` and `val`,
+  so a 12 GB corpus never has to fit in memory.
+- Local `.txt` files separate documents with `<|endoftext|>` lines (the TinyStories release
+  format); `.jsonl` and `.parquet` hold one document per row in `text_field`.
+- Where a source has no validation split, the last `val_fraction` of the documents is held out
+  (local files, whose document count is cheap to know), or every k-th document of a streamed hub
+  split (k = round(1 / val_fraction)), which needs no count.
+- A source name that exists on disk is a local file; `bundled:tinystories` is the package's
+  sample; anything else that looks like `owner/name` is a `datasets` hub name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+BUNDLED_SOURCES = {"bundled:tinystories": "tinystories_sample.txt"}
+DOC_SEPARATOR = "<|endoftext|>"
+SPLITS = ("train", "val")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def bundled_path(name: str) -> Path:
+    """Filesystem path of a bundled sample, e.g. bundled_path('bundled:tinystories')."""
+    if name not in BUNDLED_SOURCES:
+        raise ValueError(f"unknown bundled source {name!r}; accepted: {', '.join(BUNDLED_SOURCES)}")
+    path = Path(str(resources.files("dist_lm.data") / "samples" / BUNDLED_SOURCES[name]))
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled sample {path} is missing from the installation; reinstall dist_lm")
+    return path
+
+
+def iter_documents(source: str, split: str, *, text_field: str = "text", val_fraction: float = 0.05) -> Iterator[str]:
+    """Yield the documents of one split ('train' or 'val') of a source, in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not accepted; use one of {SPLITS}")
+    if source.startswith("bundled:"):
+        return _split_local(bundled_path(source), split, text_field, val_fraction)
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise ValueError(f"data source {path} has suffix {path.suffix!r}; accepted: {', '.join(LOCAL_SUFFIXES)}")
+        return _split_local(path, split, text_field, val_fraction)
+    if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"data source {source} does not exist; pass an existing .txt/.jsonl/.parquet file, "
+                                "'bundled:tinystories', or a datasets hub name such as roneneldan/TinyStories")
+    return _iter_hub(source, split, text_field, val_fraction)
+
+
+def _read_local(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield from _iter_txt_documents(path)
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                if text_field not in row:
+                    raise ValueError(f"{path}:{lineno} has no field {text_field!r}; set data.text_field to one of "
+                                     f"{sorted(row)}")
+                yield row[text_field]
+    else:
+        import pyarrow.parquet as pq  # datasets depends on pyarrow
+
+        table = pq.ParquetFile(path)
+        if text_field not in table.schema_arrow.names:
+            raise ValueError(f"{path} has no column {text_field!r}; set data.text_field to one of "
+                             f"{table.schema_arrow.names}")
+        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+
+
+def _iter_txt_documents(path: Path) -> Iterator[str]:
+    """Documents of a text file separated by `<|endoftext|>` (on its own line or inline), stripped."""
+    pending: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            while DOC_SEPARATOR in line:
+                head, _, line = line.partition(DOC_SEPARATOR)
+                pending.append(head)
+                doc = "".join(pending).strip()
+                pending = []
+                if doc:
+                    yield doc
+            pending.append(line)
+    doc = "".join(pending).strip()
+    if doc:
+        yield doc
+
+
+def _split_local(path: Path, split: str, text_field: str, val_fraction: float) -> Iterator[str]:
+    # Two passes: one to count documents (cheap, streaming), one to yield the chosen split.
+    num_docs = sum(1 for _ in _read_local(path, text_field))
+    if num_docs == 0:
+        raise ValueError(f"data source {path} holds no documents; check the file and data.text_field")
+    num_val = int(round(num_docs * val_fraction))
+    if val_fraction > 0:
+        num_val = max(1, num_val)
+    if num_val >= num_docs:
+        raise ValueError(f"data source {path} has {num_docs} documents, too few to hold out "
+                         f"val_fraction={val_fraction}; lower data.val_fraction or add text")
+    first_val = num_docs - num_val
+    for i, doc in enumerate(_read_local(path, text_field)):
+        if (i >= first_val) == (split == "val"):
+            yield doc
+
+
+def _iter_hub(name: str, split: str, text_field: str, val_fraction: float) -> Iterator[str]:
+    import datasets
+
+    try:
+        available = datasets.get_dataset_split_names(name)
+    except Exception as exc:  # the hub client raises many types (connection, auth, not found)
+        raise ValueError(f"could not reach dataset {name!r} on the hub ({type(exc).__name__}: {exc}); "
+                         "check the name and the network, or pass a local .txt/.jsonl/.parquet file") from None
+    hub_val = next((s for s in ("validation", "valid", "val", "test") if s in available), None)
+    if hub_val is not None:
+        stream = datasets.load_dataset(name, split="train" if split == "train" else hub_val, streaming=True)
+        for row in stream:
+            yield row[text_field]
+        return
+    every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
+    stream = datasets.load_dataset(name, split="train", streaming=True)
+    for i, row in enumerate(stream):
+        is_val = every > 0 and i % every == every - 1
+        if is_val == (split == "val"):
+            yield row[text_field]

@@ -1,0 +1,251 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; atomic, with retention.
+
+Layout:
+    run_dir/checkpoints/step_0000100/
+        model.safetensors       the model's parameters, by name (loadable with safetensors alone)
+        optimizer.safetensors   AdamW state, `<param name>.exp_avg` / `.exp_avg_sq` / `.step`
+        state.json              format version, step, schedule position, data position, RNG states,
+                                optimizer hyperparameters, config, tokenizer fingerprint, MLflow run id
+
+Design decisions:
+- No pickle: a checkpoint is safe to load from anyone, and readable from other tools.
+- A checkpoint is written to a hidden temporary directory and renamed into place, so a crash
+  mid-save leaves the previous checkpoint intact and no half-written `step_*` directory. A
+  directory counts as a checkpoint only if it holds state.json, written last.
+- Names sort by step (`step_0000100`), so the latest is the last in name order.
+- Optimizer state is keyed by parameter name, not by position, so a checkpoint survives a change
+  in how parameters are grouped and can be checked against the model it is loaded into.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+_OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with state.json), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file())
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: None for a fresh start, else a checked directory.
+
+    A fresh start into a run_dir that already holds checkpoints is refused, so nothing is overwritten.
+    """
+    existing = list_checkpoints(run_dir)
+    if not resume:
+        if existing:
+            raise ValueError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass "
+                             "train.resume=latest to continue that run, or set name=/run_dir= to start a new one")
+        return None
+    if resume == "latest":
+        if not existing:
+            raise FileNotFoundError(f"train.resume=latest but {Path(run_dir) / CHECKPOINTS} holds no checkpoint; "
+                                    "start fresh with train.resume='' or point train.resume at a step_* directory")
+        return existing[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass train.resume=latest or an "
+                                "existing run_dir/checkpoints/step_* directory")
+    if not (path / STATE_FILE).is_file():
+        found = list_checkpoints(path)
+        hint = f" (it is a run directory: try {found[-1]})" if found else ""
+        raise FileNotFoundError(f"{path} is not a checkpoint: it has no {STATE_FILE}{hint}; pass a step_* directory")
+    return path
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    optimizer_tensors: dict[str, torch.Tensor], state: dict[str, Any], *, keep_last: int = 0) -> Path:
+    """Write run_dir/checkpoints/step_<step>/ atomically and prune old checkpoints; returns its path."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    save_file(cpu, tmp / MODEL_FILE, metadata={"format": "pt"})
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in optimizer_tensors.items()},
+              tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
+    state = {"format_version": FORMAT_VERSION, "step": step, **state}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step (e.g. a resumed run ending where it started): swap, then delete
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    if keep_last > 0:
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(stale)
+    return final
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing; resume from another checkpoint")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"checkpoint file {path} is corrupt ({exc}); delete {path.parent} and resume from an "
+                         "earlier checkpoint") from None
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """state.json of a checkpoint directory, checked."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint: it has no {STATE_FILE}; pass a step_* directory")
+    try:
+        state = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is corrupt ({exc.msg}); delete {path} and resume from an earlier checkpoint") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {state.get('format_version')!r}; this dist_lm reads "
+                         f"{FORMAT_VERSION}")
+    return state
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Only the weights (for generation and export)."""
+    return _load_tensors(Path(path) / MODEL_FILE)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    state = load_state(path)
+    return Checkpoint(path, _load_tensors(path / MODEL_FILE), _load_tensors(path / OPTIMIZER_FILE), state)
+
+
+def load_model_weights(model: torch.nn.Module, model_state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """load_state_dict with an error that says which checkpoint does not fit which model."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(model_state))
+    unexpected = sorted(set(model_state) - set(expected))
+    bad_shape = [k for k in expected if k in model_state and expected[k].shape != model_state[k].shape]
+    if missing or unexpected or bad_shape:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{bad_shape[0]} has shape {tuple(model_state[bad_shape[0]].shape)}, the model "
+                       f"{tuple(expected[bad_shape[0]].shape)}")
+        raise ValueError(f"checkpoint {source} does not fit the configured model ({detail}); use the config "
+                         "stored in the checkpoint's state.json")
+    model.load_state_dict(model_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state <-> named tensors
+
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[str]:
+    """Names of the optimizer's parameters, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, param_names: list[str]
+                         ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """(tensors keyed '<param>.<key>', param-group hyperparameters with param names) of an optimizer."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, entry in sd["state"].items():
+        for key, value in entry.items():
+            tensors[f"{param_names[index]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = []
+    for group in sd["param_groups"]:
+        meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        meta["param_names"] = [param_names[i] for i in group["params"]]
+        groups.append(meta)
+    return tensors, groups
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, param_names: list[str],
+                           tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]], source: Path | str) -> None:
+    """Inverse of optimizer_to_tensors; checks that the checkpoint's parameters are the optimizer's."""
+    saved_names = [n for g in groups for n in g["param_names"]]
+    if sorted(saved_names) != sorted(param_names) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer state in {source} is for other parameters than the model's; use the config "
+                         "stored in the checkpoint's state.json")
+    index = {name: i for i, name in enumerate(param_names)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name in saved_names:
+        entry = {k: tensors[f"{name}.{k}"] for k in _OPTIM_KEYS if f"{name}.{k}" in tensors}
+        if entry:
+            state[index[name]] = entry
+    param_groups = []
+    for group in groups:
+        g = {k: (tuple(v) if k == "betas" else v) for k, v in group.items() if k != "param_names"}
+        g["params"] = [index[n] for n in group["param_names"]]
+        param_groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as JSON
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and current CUDA device) RNG states, JSON-serialisable."""
+    np_state = np.random.get_state()
+    out = {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tupled(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x

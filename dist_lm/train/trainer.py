@@ -1,0 +1,279 @@
+"""The training loop: Accelerator -> model, AdamW, schedule, batches -> steps -> eval, log, checkpoint.
+
+Design decisions:
+- One `train(cfg)` for every topology: 1 process, DDP over gloo or NCCL, FSDP; which one comes
+  from the accelerate config the run was launched with, never from this file.
+- The whole step runs inside `accelerator.accumulate(model)`, so gradients are synchronised only
+  on the last micro-step and the loss is scaled by the accumulation count there.
+- The learning rate is a pure function of the step (set on the param groups before each step),
+  and the data position is the step too: a checkpoint needs only the step to resume exactly.
+- No host synchronisation inside a step: losses and grad norms stay on the device and are read
+  once per log interval, for all steps of the interval at once.
+- Only the main process writes (checkpoints, config, MLflow); others wait at barriers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
+from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, load_manifest, prepare_shards
+from dist_lm.model import TransformerLM, generate
+from dist_lm.optim import AdamW, clip_grad_norm, cosine_with_warmup, param_groups
+from dist_lm.tokenizer import load_tokenizer
+from dist_lm.train.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    optimizer_from_tensors,
+    optimizer_param_names,
+    optimizer_to_tensors,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
+from dist_lm.train.parallel import apply_parallelism
+from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (the numbers tests and benchmarks check)."""
+
+    run_dir: Path
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of each optimizer step run here (1-based step numbers), averaged over ranks."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    mlflow_run_id: str | None = None
+    tokens_per_s: float = 0.0
+    sample: str = ""
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train as configured; resumes when cfg.train.resume says so."""
+    t = cfg.train
+    run_dir = cfg.output_dir()
+    resume_from = resolve_resume(run_dir, t.resume)  # checks before anything is written
+    plugin = GradientAccumulationPlugin(num_steps=t.grad_accum_steps, sync_with_dataloader=False)
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=plugin,
+        mixed_precision=None if t.mixed_precision == "launcher" else t.mixed_precision,
+    )
+    is_main = accelerator.is_main_process
+    say = tqdm.write if is_main else (lambda *_: None)
+
+    tokenizer, train_tokens, val_tokens = _open_data(cfg, accelerator)
+    world = accelerator.num_processes
+    batches = TrainBatches(train_tokens, seq_len=cfg.model.seq_len, micro_batch=t.batch_size,
+                           grad_accum=t.grad_accum_steps, rank=accelerator.process_index, world_size=world,
+                           seed=t.seed)
+    eval_batches = EvalBatches(val_tokens, seq_len=cfg.model.seq_len, micro_batch=t.batch_size,
+                               num_batches=t.eval_batches, rank=accelerator.process_index, world_size=world)
+
+    set_seed(t.seed)  # same init on every rank
+    model = TransformerLM(cfg.model)
+    optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                      eps=cfg.optim.eps)
+    param_names = optimizer_param_names(optimizer, model)
+    start_step, run_id, ckpt = 0, None, None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        _check_resumable(cfg, ckpt.state, resume_from, tokenizer.fingerprint())
+        load_model_weights(model, ckpt.model_state, resume_from)
+        start_step = ckpt.state["step"]
+        run_id = ckpt.state.get("mlflow_run_id")
+        batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
+
+    raw_model = model
+    model = apply_parallelism(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ckpt is not None:
+        optimizer_from_tensors(optimizer.optimizer, param_names, ckpt.optimizer_tensors, ckpt.state["optimizer"],
+                               resume_from)
+        set_rng_state(ckpt.state["rng"][min(accelerator.process_index, len(ckpt.state["rng"]) - 1)])
+        del ckpt
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracker = make_tracker(cfg.tracking.enabled, is_main, uri=uri, experiment=cfg.tracking.experiment,
+                           run_name=cfg.name, run_id=run_id, system_metrics=cfg.tracking.system_metrics)
+    num_params = raw_model.num_parameters()
+    if start_step == 0:
+        tracker.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,
+                            "global_batch_size": cfg.global_batch_size(world)})
+        tracker.log_artifact(str(run_dir / "config.yaml"))
+    say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} | global batch "
+        f"{cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
+        f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'} | run_dir {run_dir}")
+
+    tokens_per_step = cfg.tokens_per_step(world)
+    meter = Throughput(tokens_per_step, flops_per_token(cfg.model), peak_flops(accelerator.device), world)
+    result = TrainResult(run_dir=run_dir, mlflow_run_id=tracker.run_id)
+    pending_loss: list[torch.Tensor] = []  # per-step losses on the device, read at log intervals
+    grad_norm = torch.zeros((), device=accelerator.device)
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not is_main, unit="step", dynamic_ncols=True,
+               mininterval=1.0)
+    meter.reset(start_step)
+    status = "FAILED"
+    try:
+        for step in range(start_step, t.max_steps):
+            lr = cosine_with_warmup(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps,
+                                    cfg.optim.cosine_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(t.grad_accum_steps):
+                x, y = batches.batch(step, micro)
+                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    loss = model(x, y)
+                    accelerator.backward(loss)
+                    step_loss += loss.detach()
+                    if accelerator.sync_gradients:
+                        accelerator.unscale_gradients()
+                        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip or math.inf)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            pending_loss.append(step_loss / t.grad_accum_steps)
+            done = step + 1
+            bar.update(1)
+
+            if done % t.log_interval == 0 or done == t.max_steps:
+                losses = accelerator.reduce(torch.stack(pending_loss), reduction="mean").tolist()
+                first = done - len(pending_loss) + 1
+                pending_loss.clear()
+                if not all(math.isfinite(v) for v in losses):
+                    raise FloatingPointError(f"training loss became {losses[-1]} at step {done}; lower optim.lr, "
+                                             "raise optim.warmup_steps, or use train.mixed_precision=bf16 over fp16")
+                result.losses.update({first + i: v for i, v in enumerate(losses)})
+                speed = meter.measure(done)
+                result.tokens_per_s = speed["tokens_per_s"]
+                norm = float(grad_norm)
+                for i, v in enumerate(losses):
+                    tracker.log_metrics({"train/loss": v}, step=first + i)
+                tracker.log_metrics({"train/lr": lr, "train/grad_norm": norm, "epoch": batches.epoch_of(done),
+                                     **{f"perf/{k}": v for k, v in speed.items()}}, step=done)
+                mfu = f" | mfu {speed['mfu']:.1%}" if "mfu" in speed else ""
+                bar.set_postfix_str(f"loss {losses[-1]:.3f} | {speed['tokens_per_s']:,.0f} tok/s", refresh=False)
+                say(f"step {done:>6}/{t.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
+                    f"{speed['tokens_per_s']:,.0f} tok/s{mfu}")
+
+            if done % t.eval_interval == 0 or done == t.max_steps:
+                val = evaluate(model, eval_batches, accelerator)
+                result.val_losses[done] = val
+                tracker.log_metrics({"val/loss": val}, step=done)
+                say(f"step {done:>6}/{t.max_steps} | val loss {val:.4f}")
+                meter.reset(done)  # keep eval time out of tokens/s
+
+            interval = cfg.checkpoint.interval
+            if (interval and done % interval == 0) or done == t.max_steps:
+                result.last_checkpoint = _save(cfg, accelerator, raw_model, optimizer.optimizer, param_names,
+                                               batches, done, lr, tokenizer.fingerprint(), tracker.run_id, world)
+                if is_main:
+                    say(f"step {done:>6}/{t.max_steps} | saved {result.last_checkpoint}")
+                meter.reset(done)
+        status = "FINISHED"
+    finally:
+        bar.close()
+        tracker.close(status)
+
+    if is_main and t.sample_tokens > 0:
+        result.sample = sample_text(raw_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+        say(f"\n--- sample ({t.sample_tokens} tokens, temperature 0.8, top-p 0.95) ---\n{result.sample}\n---")
+    if is_main and tracker.run_id:
+        say(f"MLflow run {tracker.run_id} in {uri}\nview it with: mlflow ui --backend-store-uri {uri}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: EvalBatches, accelerator: Accelerator) -> float:
+    """Mean validation loss over the fixed eval windows of all ranks."""
+    model.eval()
+    total = torch.zeros((), device=accelerator.device)
+    for x, y in batches:
+        total += model(x.to(accelerator.device), y.to(accelerator.device)).float()
+    model.train()
+    return float(accelerator.reduce(total / batches.num_batches, reduction="mean"))
+
+
+def sample_text(model: TransformerLM, tokenizer, prompt: str, num_tokens: int, *, seed: int,
+                temperature: float = 0.8, top_p: float = 0.95) -> str:
+    """Prompt + a seeded sample from the model."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = generate(model, tokenizer.encode(prompt), num_tokens, temperature=temperature, top_p=top_p,
+                   eos_id=tokenizer.eot_id, generator=generator)
+    return prompt + tokenizer.decode(ids)
+
+
+def _open_data(cfg: RunConfig, accelerator: Accelerator):
+    """Tokenizer + train/val token views; prepares the bundled sample's shards on first use."""
+    d = cfg.data
+    data_dir = Path(d.data_dir)
+    tokenizer = load_tokenizer(d.tokenizer_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ids ({d.tokenizer_dir}); set model.vocab_size >= {tokenizer.vocab_size}")
+    if not (data_dir / "manifest.json").exists():
+        if not d.source.startswith("bundled:"):
+            raise FileNotFoundError(f"no token shards in {data_dir}; make them first with `python "
+                                    f"launch/prepare_data.py --config <this config>` (source {d.source})")
+        with accelerator.main_process_first():  # one process tokenizes, the others then find the shards
+            if accelerator.is_main_process:
+                tqdm.write(f"preparing token shards of {d.source} in {data_dir} ...")
+                prepare_shards(d.source, d.tokenizer_dir, data_dir, text_field=d.text_field,
+                               val_fraction=d.val_fraction, log=tqdm.write)
+    manifest = load_manifest(data_dir)
+    check_tokenizer(manifest, tokenizer.fingerprint(), data_dir)
+    return tokenizer, ShardedTokens.open(data_dir, "train", manifest), ShardedTokens.open(data_dir, "val", manifest)
+
+
+def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str) -> None:
+    saved_model = state["config"]["model"]
+    ours = config_to_dict(cfg)["model"]
+    diff = [k for k in ours if k != "attention_backend" and ours[k] != saved_model.get(k)]
+    if diff:
+        raise ValueError(f"checkpoint {path} was trained with model.{diff[0]}={saved_model.get(diff[0])!r}, the "
+                         f"config says {ours[diff[0]]!r}; resume with the same model config")
+    if state.get("tokenizer_fingerprint") != fingerprint:
+        raise ValueError(f"checkpoint {path} was trained with another tokenizer than data.tokenizer_dir="
+                         f"{cfg.data.tokenizer_dir}; point data.tokenizer_dir at the original tokenizer")
+
+
+def _save(cfg: RunConfig, accelerator: Accelerator, raw_model: TransformerLM, optimizer: torch.optim.Optimizer,
+          param_names: list[str], batches: TrainBatches, step: int, lr: float, fingerprint: str,
+          run_id: str | None, world: int) -> Path | None:
+    """Main process writes the checkpoint; every rank contributes its RNG state."""
+    rngs = gather_object([rng_state()])
+    path = None
+    if accelerator.is_main_process:
+        tensors, groups = optimizer_to_tensors(optimizer, param_names)
+        state = {
+            "schedule": {"step": step, "lr": lr},
+            "data": {"samples_consumed": batches.samples_consumed(step), "global_batch_size": batches.global_batch(),
+                     "epoch": batches.epoch_of(step)},
+            "rng": rngs,
+            "optimizer": groups,
+            "config": config_to_dict(cfg),
+            "tokenizer_fingerprint": fingerprint,
+            "mlflow_run_id": run_id,
+            "world_size": world,
+        }
+        path = save_checkpoint(cfg.output_dir(), step, raw_model.state_dict(), tensors, state,
+                               keep_last=cfg.checkpoint.keep_last)
+    accelerator.wait_for_everyone()
+    return path
