@@ -1,0 +1,191 @@
+"""Tokenizer benchmark: dist_lm vs Hugging Face `tokenizers` (training) and tiktoken (encoding), same process.
+
+    python benchmarks/bench_tokenizer.py [--repeat 3]
+
+Prints, on the bundled TinyStories sample and on tests/fixtures/corpus.en:
+- training time of ours (1 and 2 workers, split into pre-tokenization and merges) and of HF's
+  byte-level BpeTrainer at the same vocab size and specials, with the ratio and bytes/token;
+- encode MB/s of ours (1 process, cold and warm cache; N processes via encode_batch), of tiktoken
+  and of HF `tokenizers`, all with GPT-2's files, and of ours with the shipped tinystories-10k;
+- peak memory growth of `encode_iterable` over a file 1x and 10x the sample (fresh subprocess each).
+Times are the best of `--repeat` runs, to damp noise from other work on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import regex
+import tiktoken
+
+import tokenizers
+from dist_lm.tokenizer import Tokenizer, load_tokenizer
+from dist_lm.tokenizer.formats import CHAR_TO_BYTE
+from dist_lm.tokenizer.train import train_bpe_with_stats
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "dist_lm" / "data" / "samples" / "tinystories_sample.txt"
+CORPUS_EN = ROOT / "tests" / "fixtures" / "corpus.en"
+GPT2_DIR = ROOT / "tests" / "fixtures" / "gpt2"
+SHIPPED = ROOT / "tokenizers" / "tinystories-10k"
+EOT = "<|endoftext|>"
+
+
+def best_of(repeat: int, fn):
+    """(best seconds, last result) over `repeat` calls."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def hf_train(path: Path, vocab_size: int) -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(path)], trainer)
+    return tok
+
+
+def bench_training(path: Path, vocab_size: int, repeat: int) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    n_bytes = len(text.encode("utf-8"))
+    rows = []
+    t_hf, hf = best_of(repeat, lambda: hf_train(path, vocab_size))
+    hf_bpt = n_bytes / len(hf.encode(text).ids)
+    for workers in (1, 2):
+        runs = [train_bpe_with_stats(path, vocab_size, [EOT], num_workers=workers, progress=False)
+                for _ in range(repeat)]
+        stats = min((r[2] for r in runs), key=lambda s: s.pretokenize_s + s.merge_s)
+        total = stats.pretokenize_s + stats.merge_s
+        rows.append(
+            f"| {path.name} | ours, {workers} worker(s) | {total:.3f} s (pre-tok {stats.pretokenize_s:.3f} + "
+            f"merges {stats.merge_s:.3f}) | {total / t_hf:.2f}x | {stats.vocab_size} | {stats.bytes_per_token:.3f} |"
+        )
+    rows.append(f"| {path.name} | HF tokenizers BpeTrainer | {t_hf:.3f} s | 1.00x | {hf.get_vocab_size()} "
+                f"| {hf_bpt:.3f} |")
+    return rows
+
+
+def tiktoken_gpt2() -> tiktoken.Encoding:
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    raw = json.loads((GPT2_DIR / "gpt2_vocab.json").read_text(encoding="utf-8"))
+    ranks = {bytes(CHAR_TO_BYTE[c] for c in s): i for s, i in raw.items() if s != EOT}
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: raw[EOT]})
+
+
+def bench_encode(path: Path, repeat: int, num_workers: int) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    mb = len(text.encode("utf-8")) / 1e6
+    docs = text.split(EOT) if EOT in text else text.splitlines(keepends=True)
+    gpt2_files = (GPT2_DIR / "gpt2_vocab.json", GPT2_DIR / "gpt2_merges.txt", [EOT])
+    tik = tiktoken_gpt2()
+    with tempfile.TemporaryDirectory() as d:
+        Tokenizer.from_files(*gpt2_files).save(d)  # our export of GPT-2, for HF tokenizers
+        hf = HFTokenizer.from_file(str(Path(d) / "tokenizer.json"))
+
+    def cold():
+        tok = Tokenizer.from_files(*gpt2_files)  # fresh, empty pre-token cache
+        t = time.perf_counter()
+        tok.encode(text)
+        return time.perf_counter() - t
+
+    t_cold = min(cold() for _ in range(repeat))
+    ours = Tokenizer.from_files(*gpt2_files)
+    ours.encode(text)
+    t_warm, ids = best_of(repeat, lambda: ours.encode(text))
+    # 4x the text for the pool, so that starting it (~0.1 s) is not most of what is measured
+    t_multi, _ = best_of(repeat, lambda: ours.encode_batch(docs * 4, num_workers=num_workers))
+    t_multi /= 4
+    t_tik, ids_tik = best_of(repeat, lambda: tik.encode(text, allowed_special="all"))
+    t_hf, enc_hf = best_of(repeat, lambda: hf.encode(text))
+    assert ids == ids_tik == enc_hf.ids, "ids differ: run the tests"
+    shipped = load_tokenizer(SHIPPED)
+    shipped.encode(text)
+    t_shipped, _ = best_of(repeat, lambda: shipped.encode(text))
+    rows = [
+        ("ours, 1 process, cold cache (GPT-2)", t_cold),
+        ("ours, 1 process, warm cache (GPT-2)", t_warm),
+        (f"ours, encode_batch {num_workers} processes, text x4 (GPT-2)", t_multi),
+        ("ours, 1 process, warm cache (tinystories-10k)", t_shipped),
+        ("tiktoken, 1 thread (GPT-2)", t_tik),
+        ("HF tokenizers encode (GPT-2 tokenizer.json)", t_hf),
+    ]
+    return [f"| {path.name} | {name} | {mb / t:.2f} | {t_tik / t:.2f}x |" for name, t in rows]
+
+
+# RSS high-water mark can hide growth behind the loading peak, so the child also reports tracemalloc's
+# peak of Python allocations made while streaming (the cache included: it is part of what grows).
+_MEM_CHILD = """
+import resource, sys, tracemalloc
+from dist_lm.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+t0 = tracemalloc.get_traced_memory()[0]
+with open(sys.argv[2], encoding="utf-8") as f:
+    n = sum(1 for _ in tok.encode_iterable(f))
+peak_py = tracemalloc.get_traced_memory()[1] - t0
+tracemalloc.stop()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(n, (peak - base) / 1024, peak_py / 2**20)
+"""
+
+
+def bench_memory(repeats: tuple[int, ...] = (1, 10)) -> list[str]:
+    rows = []
+    sample = SAMPLE.read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory() as d:
+        for k in repeats:
+            path = Path(d) / f"x{k}.txt"
+            path.write_text(sample * k, encoding="utf-8")
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(SHIPPED), str(path)], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()
+            rows.append(f"| encode_iterable, sample x{k} ({path.stat().st_size / 1e6:.0f} MB, {int(out[0]):,} ids) "
+                        f"| {float(out[1]):.1f} MB | {float(out[2]):.1f} MB |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="dist_lm tokenizer benchmark")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--vocab-size", type=int, default=10000)
+    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+    # "stopped at vocab N": expected on these small corpora, and the table shows the vocab reached.
+    logging.getLogger("dist_lm.tokenizer.train").setLevel(logging.ERROR)
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, {platform.system()}; "
+          f"python {platform.python_version()}, regex {regex.__version__}, tokenizers {tokenizers.__version__}, "
+          f"tiktoken {tiktoken.__version__}")
+    print(f"\n### Training (vocab {args.vocab_size} asked, specials [{EOT}], best of {args.repeat})\n")
+    print("| corpus | trainer | time | vs HF | vocab | bytes/token |\n|---|---|---|---|---|---|")
+    for path in (SAMPLE, CORPUS_EN):
+        print("\n".join(bench_training(path, args.vocab_size, args.repeat)))
+    print(f"\n### Encoding (best of {args.repeat})\n")
+    print("| corpus | encoder | MB/s | vs tiktoken |\n|---|---|---|---|")
+    for path in (SAMPLE, CORPUS_EN):
+        print("\n".join(bench_encode(path, args.repeat, args.num_workers)))
+    print("\n### encode_iterable peak RSS growth (tinystories-10k, file lines)\n")
+    print("| input | peak RSS growth | peak Python allocations (tracemalloc) |\n|---|---|---|")
+    print("\n".join(bench_memory()))
+
+
+if __name__ == "__main__":
+    main()
