@@ -1,0 +1,89 @@
+"""attention(): sdpa and reference agree, end-aligned causal masking for decoding, backend errors."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dist_lm.model import attention, reference_attention
+
+attention_module = sys.modules["dist_lm.model.attention"]  # the package attribute is the function
+
+
+def qkv(t_q: int = 7, t_k: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, t_q, 8, generator=g)  # (B, H, Tq, D)
+    k = torch.randn(2, 3, t_k, 8, generator=g)
+    v = torch.randn(2, 3, t_k, 8, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_matches_reference(causal):
+    q, k, v = qkv()
+    out = attention(q, k, v, causal=causal, backend="sdpa")
+    ref = attention(q, k, v, causal=causal, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_gradients_match_reference():
+    grads = []
+    for backend in ("sdpa", "reference"):
+        q, k, v = (t.requires_grad_() for t in qkv())
+        attention(q, k, v, backend=backend).square().sum().backward()
+        grads.append([q.grad, k.grad, v.grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_causal_softmax():
+    q, k, v = qkv(t_q=3, t_k=3)
+    out = reference_attention(q, k, v, causal=True)
+    # The first query sees only the first key, so its output is that key's value.
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "auto"])
+@pytest.mark.parametrize("t_q", [1, 3])
+def test_fewer_queries_align_to_the_end_of_the_keys(backend, t_q):
+    q, k, v = qkv(t_q=7, t_k=7)
+    full = attention(q, k, v, backend="reference")  # (B, H, 7, D)
+    tail = attention(q[:, :, -t_q:], k, v, backend=backend)  # queries at key positions 7 - t_q ... 6
+    torch.testing.assert_close(tail, full[:, :, -t_q:], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_on_cpu_is_sdpa_without_warning():
+    q, k, v = qkv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = attention(q, k, v, backend="auto")
+    torch.testing.assert_close(out, attention(q, k, v, backend="sdpa"))
+
+
+def test_unknown_backend_lists_the_accepted_ones():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="flash.*auto, triton, sdpa, reference"):
+        attention(q, k, v, backend="flash")
+
+
+def test_triton_on_cpu_is_rejected():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="CUDA"):
+        attention(q, k, v, backend="triton")
+
+
+def test_more_queries_than_keys_is_rejected():
+    q, k, v = qkv(t_q=5, t_k=3)
+    with pytest.raises(ValueError, match="5 queries"):
+        attention(q, k, v)
+
+
+def test_fallback_warning_is_issued_once(monkeypatch):
+    monkeypatch.setattr(attention_module, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attention_module._warn_once("triton unavailable")
+        attention_module._warn_once("triton unavailable")
+    assert len(caught) == 1 and "triton unavailable" in str(caught[0].message)
+
