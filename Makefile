@@ -16,7 +16,7 @@ install: .install-stamp
 
 # The demo: a small Transformer on the bundled TinyStories sample (one process; the GPU if present).
 demo: install
-	$(ACCELERATE) --config_file configs/accelerate/single.yaml launch/train.py --config configs/demo.yaml $(ARGS)
+	$(ACCELERATE) -q --config_file configs/accelerate/single.yaml launch/train.py --config configs/demo.yaml $(ARGS)
 
 # The same demo as two CPU processes (DDP over gloo).
 demo-ddp: install

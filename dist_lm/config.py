@@ -199,7 +199,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/demo.yaml)")
+            raise FileNotFoundError(f"config file not found: {path} (pass an existing YAML file, "
+                                    "e.g. configs/demo.yaml)")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:

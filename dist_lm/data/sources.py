@@ -35,7 +35,8 @@ def bundled_path(name: str) -> Path:
     return path
 
 
-def iter_documents(source: str, split: str, *, text_field: str = "text", val_fraction: float = 0.05) -> Iterator[str]:
+def iter_documents(source: str, split: str, *, text_field: str = "text",
+                   val_fraction: float = 0.05) -> Iterator[str]:
     """Yield the documents of one split ('train' or 'val') of a source, in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not accepted; use one of {SPLITS}")
@@ -63,7 +64,8 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that "
+                                     "line") from None
                 if text_field not in row:
                     raise ValueError(f"{path}:{lineno} has no field {text_field!r}; set data.text_field to one of "
                                      f"{sorted(row)}")

@@ -137,7 +137,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is corrupt ({exc.msg}); delete {path} and resume from an earlier checkpoint") from None
+        raise ValueError(f"{file} is corrupt ({exc.msg}); delete {path} and resume from an earlier "
+                         "checkpoint") from None
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {state.get('format_version')!r}; this dist_lm reads "
                          f"{FORMAT_VERSION}")

@@ -14,7 +14,9 @@ Design decisions:
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,8 @@ from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
 from dist_lm.train.parallel import apply_parallelism
 from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
 
+METRICS_FILE = "metrics.jsonl"
+
 
 @dataclass
 class TrainResult:
@@ -65,6 +69,9 @@ def train(cfg: RunConfig) -> TrainResult:
     resume_from = resolve_resume(run_dir, t.resume)  # checks before anything is written
     plugin = GradientAccumulationPlugin(num_steps=t.grad_accum_steps, sync_with_dataloader=False)
     accelerator = Accelerator(
+        # Without CUDA, force the CPU path: Accelerate then joins the processes that torchrun started
+        # over gloo, where it would otherwise run each one as a separate single-process job.
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_plugin=plugin,
         mixed_precision=None if t.mixed_precision == "launcher" else t.mixed_precision,
     )
@@ -105,6 +112,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        _truncate_metrics(run_dir / METRICS_FILE, start_step)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracker = make_tracker(cfg.tracking.enabled, is_main, uri=uri, experiment=cfg.tracking.experiment,
                            run_name=cfg.name, run_id=run_id, system_metrics=cfg.tracking.system_metrics)
@@ -122,8 +130,9 @@ def train(cfg: RunConfig) -> TrainResult:
     result = TrainResult(run_dir=run_dir, mlflow_run_id=tracker.run_id)
     pending_loss: list[torch.Tensor] = []  # per-step losses on the device, read at log intervals
     grad_norm = torch.zeros((), device=accelerator.device)
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not is_main, unit="step", dynamic_ncols=True,
-               mininterval=1.0)
+    # The bar is for people at a terminal; logs and CI get the periodic log lines instead.
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()), unit="step",
+               dynamic_ncols=True, mininterval=1.0)
     meter.reset(start_step)
     status = "FAILED"
     try:
@@ -163,8 +172,12 @@ def train(cfg: RunConfig) -> TrainResult:
                 norm = float(grad_norm)
                 for i, v in enumerate(losses):
                     tracker.log_metrics({"train/loss": v}, step=first + i)
-                tracker.log_metrics({"train/lr": lr, "train/grad_norm": norm, "epoch": batches.epoch_of(done),
-                                     **{f"perf/{k}": v for k, v in speed.items()}}, step=done)
+                metrics = {"train/lr": lr, "train/grad_norm": norm, "epoch": batches.epoch_of(done),
+                           **{f"perf/{k}": v for k, v in speed.items()}}
+                tracker.log_metrics(metrics, step=done)
+                if is_main:
+                    log_jsonl(run_dir / METRICS_FILE, [{"step": first + i, "train/loss": v} for i, v in
+                                                       enumerate(losses)] + [{"step": done, **metrics}])
                 mfu = f" | mfu {speed['mfu']:.1%}" if "mfu" in speed else ""
                 bar.set_postfix_str(f"loss {losses[-1]:.3f} | {speed['tokens_per_s']:,.0f} tok/s", refresh=False)
                 say(f"step {done:>6}/{t.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
@@ -174,6 +187,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 val = evaluate(model, eval_batches, accelerator)
                 result.val_losses[done] = val
                 tracker.log_metrics({"val/loss": val}, step=done)
+                if is_main:
+                    log_jsonl(run_dir / METRICS_FILE, [{"step": done, "val/loss": val}])
                 say(f"step {done:>6}/{t.max_steps} | val loss {val:.4f}")
                 meter.reset(done)  # keep eval time out of tokens/s
 
@@ -199,6 +214,19 @@ def train(cfg: RunConfig) -> TrainResult:
     return result
 
 
+def log_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append metric rows to the run's local log (readable without MLflow; tests read it too)."""
+    with path.open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after `step`: a run that died after its last checkpoint redoes those steps."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in rows))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: EvalBatches, accelerator: Accelerator) -> float:
     """Mean validation loss over the fixed eval windows of all ranks."""
@@ -216,7 +244,7 @@ def sample_text(model: TransformerLM, tokenizer, prompt: str, num_tokens: int, *
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = generate(model, tokenizer.encode(prompt), num_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tokenizer.eot_id, generator=generator)
+                   eos_id=tokenizer.eot_id, generator=generator, num_valid_ids=tokenizer.vocab_size)
     return prompt + tokenizer.decode(ids)
 
 
@@ -227,7 +255,8 @@ def _open_data(cfg: RunConfig, accelerator: Accelerator):
     tokenizer = load_tokenizer(d.tokenizer_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} ids ({d.tokenizer_dir}); set model.vocab_size >= {tokenizer.vocab_size}")
+                         f"{tokenizer.vocab_size} ids ({d.tokenizer_dir}); set model.vocab_size >= "
+                         f"{tokenizer.vocab_size}")
     if not (data_dir / "manifest.json").exists():
         if not d.source.startswith("bundled:"):
             raise FileNotFoundError(f"no token shards in {data_dir}; make them first with `python "

@@ -59,7 +59,7 @@ def test_yaml_values_and_overrides(tmp_path):
         ("model:\n  num_layers: two\n", [], "model.num_layers='two' must be an integer"),
         ("train:\n  compile: 1\n", [], "train.compile=1 must be true or false"),
         ("train:\n  mixed_precision: fp8\n", [], "one of 'launcher', 'no', 'bf16', 'fp16'"),
-        ("model:\n  d_model: 100\n  num_heads: 3\n", [], "model.num_heads=3 is not accepted: must divide model.d_model"),
+        ("model:\n  d_model: 100\n  num_heads: 3\n", [], "num_heads=3 is not accepted: must divide model.d_model"),
         ("optim:\n  warmup_steps: 500\n  cosine_steps: 100\n", [], "optim.warmup_steps=500 is not accepted"),
         ("optim:\n  betas: [0.9]\n", [], "optim.betas"),
         ("optim:\n  min_lr: 1.0\n  lr: 0.1\n", [], "optim.min_lr=1.0"),

@@ -1,0 +1,71 @@
+"""Fixtures for runs through the real entry points: `accelerate launch launch/train.py` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "tokenizers" / "tinystories-10k"
+ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """The bundled TinyStories sample tokenized once per session with the shipped tokenizer."""
+    from dist_lm.data import prepare_shards
+
+    out = tmp_path_factory.mktemp("shards") / "tinystories-sample"
+    prepare_shards("bundled:tinystories", TOKENIZER, out, log=lambda *_: None)
+    return out
+
+
+def tiny_run(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a small, fast model on the demo config (tracking off unless a test turns it on)."""
+    return [
+        f"run_dir={run_dir}", f"name={run_dir.name}", f"data.data_dir={data_dir}", f"data.tokenizer_dir={TOKENIZER}",
+        "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.seq_len=32",
+        "optim.warmup_steps=2", "optim.cosine_steps=20", "optim.lr=1e-2",
+        "train.batch_size=8", "train.max_steps=6", "train.log_interval=2", "train.eval_interval=3",
+        "train.eval_batches=2", "train.sample_tokens=0", "checkpoint.interval=3", "checkpoint.keep_last=0",
+        "tracking.enabled=false", *extra,
+    ]
+
+
+def launch(overrides: list[str], *, accelerate_config: str | None = "single.yaml", cwd: Path,
+           env: dict[str, str] | None = None, config: Path | None = ROOT / "configs" / "demo.yaml",
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run launch/train.py through `accelerate launch` (or plain python when accelerate_config is None)."""
+    script = [str(ROOT / "launch" / "train.py")] + (["--config", str(config)] if config else []) + overrides
+    if accelerate_config is None:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+               str(ACCELERATE_CONFIGS / accelerate_config), *script]
+    # A user's MLFLOW_TRACKING_URI must not receive test runs: only the test's own env may set one.
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss of every step, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
