@@ -49,6 +49,9 @@ class ModelConfig:
     """Std of the truncated-normal init (cut at +-3 std); output projections are scaled by 1/sqrt(2*num_layers)."""
     attention_backend: AttentionBackend = "auto"
     """Attention implementation: auto (triton on CUDA when available, else sdpa), triton, sdpa or reference."""
+    fused_loss: bool = True
+    """Compute LM head + cross-entropy in chunks (dist_lm.kernels.cross_entropy) so the fp32 logits of the
+    whole batch never exist at once; false uses F.cross_entropy on the full logits."""
 
     def head_dim(self) -> int:
         """Width of one attention head."""
@@ -98,6 +101,9 @@ class OptimConfig:
     """Decoupled weight decay, applied to matrices only (not norms, not embeddings)."""
     grad_clip: float = 1.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
+    fused: bool = True
+    """On CUDA, update all parameters with one Triton multi-tensor AdamW kernel (dist_lm.kernels.fused_adamw);
+    elsewhere, or when false, the torch._foreach_* path."""
 
 
 @dataclass
@@ -117,6 +123,9 @@ class TrainConfig:
     no, bf16, or fp16 (fp16 adds a gradient scaler)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    activation_checkpointing: bool = False
+    """Recompute each Transformer block's activations in the backward pass: less memory, about a third more
+    compute."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20
