@@ -1,0 +1,1 @@
+"""Triton kernels of dist_lm (import each module directly; nothing here imports Triton eagerly)."""
