@@ -152,7 +152,7 @@ def _attn_fwd(Q, K, V, Out, LSE,
               stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_om,
               num_heads, seq_q, seq_k, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, SEQ_BUCKET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # one flat grid: consecutive programs share a head, so its K and V stay in L2 while they run
     pid = tl.program_id(0)
@@ -224,7 +224,7 @@ def _attn_bwd_dq(Q, K, V, Out, DO, LSE, DELTA, DQ,
                  stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm,
                  num_heads, seq_q, seq_k, sm_scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, SEQ_BUCKET: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
@@ -304,7 +304,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
                    num_heads, seq_q, seq_k, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, SEQ_BUCKET: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # causal: key block 0 is seen by every query, so ascending program order already runs the longest first
     pid = tl.program_id(0)
@@ -397,7 +397,9 @@ def _autotuned(kernel, name: str):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in _ALL_SHAPES[name]]
     # the dtype of every tensor argument is part of Triton's autotune key already
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL"],
+    # SEQ_BUCKET (unused in the kernels) makes short and long sequences tune separately without
+    # retuning for every new length, which generation's varying prompt lengths would trigger.
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"],
                            prune_configs_by={"early_config_prune": _make_pruner(name)})(kernel)
 
 
@@ -438,8 +440,14 @@ def _contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _meta(head_dim: int, causal: bool) -> dict:
-    return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "CAUSAL": causal}
+def _seq_bucket(seq: int) -> int:
+    """0: up to 512 tokens, 1: up to 2048, 2: longer (the best blocks differ between these)."""
+    return 0 if seq <= 512 else 1 if seq <= 2048 else 2
+
+
+def _meta(head_dim: int, causal: bool, seq: int) -> dict:
+    return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "CAUSAL": causal,
+            "SEQ_BUCKET": _seq_bucket(seq)}
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -454,7 +462,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             heads, seq_q, seq_k, sm_scale * LOG2E)
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
-        _launch("fwd", seq_q, batch * heads, args, _meta(head_dim, causal))
+        _launch("fwd", seq_q, batch * heads, args, _meta(head_dim, causal, max(seq_q, seq_k)))
     return o, lse
 
 
@@ -469,7 +477,7 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
-    meta = _meta(head_dim, causal)
+    meta = _meta(head_dim, causal, max(seq_q, seq_k))
     scales = (heads, seq_q, seq_k, sm_scale, sm_scale * LOG2E)
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         # the dq kernel writes delta, which the dk/dv kernel reads: this order is required

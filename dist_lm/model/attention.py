@@ -9,8 +9,7 @@ Design decisions:
   process and says why. CPU tensors go to sdpa silently: there is nothing to fall back from.
 - Causal masking with fewer queries than keys (decoding with a KV cache) aligns the queries to the END of
   the keys: query i sits at key position Tk - Tq + i. SDPA's `is_causal` aligns top-left, so that case
-  builds an explicit mask (and needs none when Tq == 1). The Triton kernel is written for Tq == Tk, so
-  the Tq < Tk case always runs on sdpa (the decode step is tiny; a fused kernel buys nothing there).
+  builds an explicit mask (and needs none when Tq == 1). The Triton kernel aligns the same way itself.
 """
 
 from __future__ import annotations
@@ -98,13 +97,10 @@ def attention(
     if backend == "sdpa":
         return _sdpa(q, k, v, causal)
 
-    # triton or auto
-    same_len = q.shape[-2] == k.shape[-2]
+    # triton or auto; the kernel aligns fewer queries than keys to the end of the keys (KV-cache decoding)
     if backend == "triton":
         if not q.is_cuda:
             raise ValueError(f"attention backend='triton' needs CUDA tensors, got device {q.device}; use 'sdpa'")
-        if not same_len:
-            return _sdpa(q, k, v, causal)  # decode step: see the module docstring
         fn, why = _load_triton()
         if fn is None:
             raise ValueError(f"attention backend='triton' cannot import dist_lm.kernels.flash_attention ({why}); "
@@ -112,7 +108,7 @@ def attention(
         return fn(q, k, v, causal=causal, sm_scale=None)
 
     # auto
-    if not q.is_cuda or not same_len:
+    if not q.is_cuda:
         return _sdpa(q, k, v, causal)
     fn, why = _load_triton()
     if fn is None:
