@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Each installs what it needs first (once).
 PYTHON ?= python3
-ACCELERATE ?= accelerate launch
+# Through the interpreter, so a venv's accelerate is used even when the venv is not activated.
+ACCELERATE ?= $(PYTHON) -m accelerate.commands.launch
 # torch 2.13.0 is what the CPU dev machines install without pulling GBs of CUDA wheels; any torch >= 2.5
 # already installed is kept.
 TORCH_PIN ?= torch==2.13.0

@@ -5,8 +5,8 @@ Design decisions:
   knows which kernel runs. Backends: `sdpa` (PyTorch's fused kernels), `reference` (explicit softmax in
   fp32; the oracle the others are tested against), `triton` (dist_lm.kernels.flash_attention, imported
   only when chosen so CPU installs never need Triton), and `auto`.
-- `auto` picks triton for CUDA tensors when it imports, else sdpa; on CUDA a fallback warns once per
-  process and says why. CPU tensors go to sdpa silently: there is nothing to fall back from.
+- `auto` picks triton for CUDA tensors when it imports, else sdpa, warning once per process and saying
+  why (CPU tensors, or the kernel failed to import), so nobody benchmarks the fallback by mistake.
 - Causal masking with fewer queries than keys (decoding with a KV cache) aligns the queries to the END of
   the keys: query i sits at key position Tk - Tq + i. SDPA's `is_causal` aligns top-left, so that case
   builds an explicit mask (and needs none when Tq == 1). The Triton kernel aligns the same way itself.
@@ -109,6 +109,7 @@ def attention(
 
     # auto
     if not q.is_cuda:
+        _warn_once(f"attention backend='auto' uses sdpa: the Triton kernel needs CUDA tensors, these are on {q.device}")
         return _sdpa(q, k, v, causal)
     fn, why = _load_triton()
     if fn is None:

@@ -53,11 +53,15 @@ def test_fewer_queries_align_to_the_end_of_the_keys(backend, t_q):
     torch.testing.assert_close(tail, full[:, :, -t_q:], atol=1e-5, rtol=1e-5)
 
 
-def test_auto_on_cpu_is_sdpa_without_warning():
+def test_auto_on_cpu_is_sdpa_and_says_why_once(monkeypatch):
+    monkeypatch.setattr(attention_module, "_warned", set())
     q, k, v = qkv()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = attention(q, k, v, backend="auto")
+        attention(q, k, v, backend="auto")
+    assert [str(w.message) for w in caught] == [
+        "attention backend='auto' uses sdpa: the Triton kernel needs CUDA tensors, these are on cpu"]
     torch.testing.assert_close(out, attention(q, k, v, backend="sdpa"))
 
 
