@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_lm.config import ModelConfig
+from dist_lm.kernels.cross_entropy import linear_cross_entropy
 from dist_lm.model.attention import BACKENDS, attention
 
 if TYPE_CHECKING:
@@ -214,8 +215,11 @@ class TransformerLM(nn.Module):
         return self._loss(x, targets)
 
     def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean CE over non-ignored targets; the seam where a fused linear + cross-entropy plugs in."""
+        """Mean CE over non-ignored targets: chunked LM head + CE (cfg.fused_loss), or full logits then CE."""
         if targets.shape != x.shape[:2]:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(x.shape[:2])}")
+        if self.cfg.fused_loss:
+            # (B*T, d) rows x (V, d) head: logits only ever exist one chunk of rows at a time
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100)
         logits = self.lm_head(x)  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -11,6 +11,13 @@ Design decisions:
   that had no grad on some step) are stepped in separate calls so each gets its own bias correction.
 - Works on DTensor parameters (FSDP2): zeros_like and the foreach ops keep the sharding (checked by hand
   over 2 gloo ranks with Shard(0) parameters; the state then holds DTensors).
+- Fused path (`fused=None` auto, or True): one Triton launch per (param group, step count) over all its
+  tensors (dist_lm.kernels.fused_adamw), when every tensor is fp32, contiguous, 16-byte aligned and on
+  CUDA (or on the CPU under Triton's interpreter, TRITON_INTERPRET=1, which the tests use), and triton
+  imports. DTensor (FSDP2) tensors go through their local shards. Anything else takes the foreach path;
+  with fused=True that fallback warns once and says why. The state layout is the same on both paths.
+- Host overhead matters as much as the kernel at ~100 tensors: step counts are bumped with one foreach
+  op and read back with one stack().tolist(), not one scalar op and one .item() per parameter.
 - `param_groups` decays matrices only: not norms (1-D) and not the token embedding, whose rows of rare
   tokens would otherwise be decayed towards zero between their rare gradient updates. Call it after any
   wrapping that replaces parameters (FSDP2's fully_shard does).
@@ -18,11 +25,37 @@ Design decisions:
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # warnings' own dedup is per call site and is defeated by "always" filters (pytest, notebooks).
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise: what a kernel can address."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _load_fused():
+    """The fused-kernel module, or the reason it cannot be imported."""
+    try:
+        from dist_lm.kernels import fused_adamw
+    except ImportError as exc:  # triton missing or broken
+        return None, f"{type(exc).__name__}: {exc}"
+    return fused_adamw, ""
 
 
 def adamw_step(
@@ -67,7 +100,11 @@ class AdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        *,
+        fused: bool | None = None,
     ) -> None:
+        """fused: True = Triton kernel (warn once and use foreach where it cannot run), False = foreach,
+        None = the kernel where it can run, silently foreach elsewhere."""
         if lr < 0:
             raise ValueError(f"AdamW lr={lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
@@ -77,6 +114,9 @@ class AdamW(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"AdamW weight_decay={weight_decay} must be >= 0")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        # Not a param-group default: state_dict() stays exactly what it was before the fused path existed.
+        self.fused = fused
+        self._plans: dict[tuple[int, ...], Any] = {}  # plan_key -> FusedAdamWPlan (device pointer tables)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,11 +126,10 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            # (step, device, dtype) -> (params, grads, exp_avgs, exp_avg_sqs): foreach ops want uniform lists.
-            buckets: dict[tuple, tuple[list, list, list, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                     "weight_decay": group["weight_decay"]}
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise ValueError("AdamW does not support sparse gradients; use dense embeddings")
                 state = self.state[p]
@@ -98,19 +137,51 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                key = (int(state["step"].item()), p.device, p.dtype)
-                bucket = buckets.setdefault(key, ([], [], [], []))
+            if not params:
+                continue
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, 1.0)
+            # (step, device, dtype) -> (params, grads, exp_avgs, exp_avg_sqs): foreach ops want uniform lists.
+            buckets: dict[tuple, tuple[list, list, list, list]] = {}
+            for p, step in zip(params, torch.stack(steps).tolist(), strict=True):
+                state = self.state[p]
+                bucket = buckets.setdefault((int(step), p.device, p.dtype), ([], [], [], []))
                 bucket[0].append(p)
                 bucket[1].append(p.grad)
                 bucket[2].append(state["exp_avg"])
                 bucket[3].append(state["exp_avg_sq"])
-            for (step, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
-                adamw_step(
-                    params, grads, exp_avgs, exp_avg_sqs, step,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                )
+            for (step, _, _), tensors in buckets.items():
+                if not self._fused_step(tensors, step, hyper):
+                    adamw_step(*tensors, step, **hyper)
         return loss
+
+    def _fused_step(self, tensors: tuple[list, list, list, list], step: int, hyper: dict[str, float]) -> bool:
+        """Update the bucket with the Triton kernel; False (nothing done) when the foreach path must run."""
+        if self.fused is False:
+            return False
+        module, reason = _load_fused()
+        params, grads, exp_avgs, exp_avg_sqs = ([_local(t) for t in ts] for ts in tensors) if module else tensors
+        if module is not None:
+            interpreter = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch: kernels run on CPU
+            if not (params[0].is_cuda or interpreter):
+                reason = f"parameters are on {params[0].device}, the kernel needs CUDA"
+            else:
+                reason = module.fused_adamw_supported(params + exp_avgs + exp_avg_sqs)
+        plan = None
+        if not reason:
+            key = module.plan_key(params, exp_avgs, exp_avg_sqs)
+            plan = self._plans.get(key)
+            if plan is None:
+                if len(self._plans) >= 16:  # stale plans (moved or re-created states) hold memory: drop them
+                    self._plans.clear()
+                plan = self._plans[key] = module.FusedAdamWPlan(params, exp_avgs, exp_avg_sqs)
+            reason = plan.set_grads(grads)
+        if reason:
+            if self.fused:
+                _warn_once(f"AdamW(fused=True) runs the foreach path instead of the Triton kernel: {reason}")
+            return False
+        plan.step(grads, step, **hyper)
+        return True
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

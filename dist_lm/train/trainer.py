@@ -89,7 +89,7 @@ def train(cfg: RunConfig) -> TrainResult:
     set_seed(t.seed)  # same init on every rank
     model = TransformerLM(cfg.model)
     optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                      eps=cfg.optim.eps)
+                      eps=cfg.optim.eps, fused=None if cfg.optim.fused else False)
     param_names = optimizer_param_names(optimizer, model)
     start_step, run_id, ckpt = 0, None, None
     if resume_from is not None:

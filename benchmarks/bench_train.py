@@ -1,0 +1,248 @@
+"""Training-step throughput: dist_lm (the trainer's code path) vs Hugging Face LlamaForCausalLM, eager and compiled.
+
+Run on one CUDA GPU: `python benchmarks/bench_train.py [--shapes 124m,tinystories] [--systems ...] [--quick]`
+(writes $OUT/bench_train_<shapes>.json when OUT is set). `--profile SHAPE` instead profiles a few steps of
+dist_lm compiled and prints the top-15 CUDA kernels by total time.
+
+What one step is, for both systems: bf16 autocast over fp32 parameters, forward + loss, backward, global
+grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), AdamW, zero_grad(set_to_none).
+- HF: transformers.LlamaForCausalLM(attn_implementation="sdpa"), torch.optim.AdamW(fused=True),
+  torch.nn.utils.clip_grad_norm_; eager and torch.compile(model). Labels = input ids (HF shifts them
+  inside, so its loss covers T-1 positions of the same tokens).
+- dist_lm: TransformerLM(attention_backend="auto", fused_loss=True), dist_lm AdamW(fused=True) over
+  dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.train.parallel.apply_parallelism
+  for compilation (`--compile-mode model|blocks`, `--activation-checkpointing`): what train() runs.
+Both see the same random tokens (one fixed batch; the work does not depend on the values).
+
+Measured: compile/warm-up wall time (the first `--warmup` steps, synchronised), then `--steps` steps between
+two CUDA events: step time, tokens/s, MFU = tokens/s * dist_lm.train.metrics.flops_per_token / 989e12
+(H100 dense bf16; the same formula and ModelConfig for HF), and peak torch.cuda.max_memory_allocated
+(reset before each system is built; models freed and dynamo reset between systems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
+from dist_lm.model import TransformerLM  # noqa: E402
+from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
+from dist_lm.train.metrics import flops_per_token  # noqa: E402
+from dist_lm.train.parallel import apply_parallelism  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+# name: (model config kwargs, batch size)
+SHAPES: dict[str, tuple[dict, int]] = {
+    "124m": (dict(d_model=768, num_layers=12, num_heads=12, d_ff=2048, vocab_size=32000, seq_len=1024), 16),
+    "tinystories": (dict(d_model=512, num_layers=8, num_heads=16, d_ff=1344, vocab_size=10000, seq_len=256), 128),
+    "seed-b32": (dict(d_model=512, num_layers=12, num_heads=8, vocab_size=10000, seq_len=256), 32),
+    "seed-b128": (dict(d_model=512, num_layers=12, num_heads=8, vocab_size=10000, seq_len=256), 128),
+}
+SYSTEMS = ("hf-eager", "hf-compiled", "ours-eager", "ours-compiled")
+HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+WEIGHT_DECAY = 0.1
+
+
+def _hf_model(cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim(),
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, attn_implementation="sdpa", use_cache=False,
+    )
+    hf_cfg._attn_implementation = "sdpa"  # older transformers ignore the constructor argument
+    return LlamaForCausalLM(hf_cfg)
+
+
+def build(system: str, cfg: ModelConfig, compile_mode: str, checkpointing: bool, clip: bool):
+    """(step function taking (x, y), the module) for one system, on CUDA."""
+    compiled = system.endswith("compiled")
+    if system.startswith("hf"):
+        model = _hf_model(cfg).cuda().train()
+        opt = torch.optim.AdamW(model.parameters(), **HYPER, weight_decay=WEIGHT_DECAY, fused=True)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fwd = torch.compile(model) if compiled else model
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fwd(input_ids=x, labels=x).loss
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step, model
+
+    run_cfg = RunConfig(model=cfg)
+    run_cfg.train.compile = compiled
+    run_cfg.train.activation_checkpointing = checkpointing
+    raw = TransformerLM(cfg).cuda().train()
+    opt = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=True)
+    model = apply_parallelism(raw, run_cfg, compile_mode=compile_mode)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        if clip:
+            clip_grad_norm(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, raw
+
+
+def _free() -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def measure(shape: str, system: str, args) -> dict:
+    kwargs, batch = SHAPES[shape]
+    cfg = ModelConfig(**kwargs, attention_backend="auto", fused_loss=True)
+    steps, warmup = args.steps, args.warmup
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=gen).cuda()
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    row = {"shape": shape, "system": system, "batch": batch, "seq_len": cfg.seq_len}
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        torch.manual_seed(0)
+        step, model = build(system, cfg, args.compile_mode, args.activation_checkpointing, not args.no_clip)
+        row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            loss = step(x, y)
+        torch.cuda.synchronize()
+        row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            loss = step(x, y)
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / steps
+        row.update(step_ms=ms, tokens_per_s=batch * cfg.seq_len / (ms * 1e-3), loss=loss.item(),
+                   peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
+        row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg) / PEAK_FLOPS
+        if not math.isfinite(row["loss"]):
+            row["error"] = "non-finite loss"
+        del step, model
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "OOM"
+    _free()
+    print(f"  {shape:12s} {system:14s} " + (f"{row['step_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:8.1f}k tok/s  "
+          f"warmup {row['warmup_s']:.1f}s" if "step_ms" in row else row.get("error", "?")), flush=True)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    import triton
+
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = "missing"
+    print(f"\nGPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"transformers {tf_version} | python {platform.python_version()}")
+    print("| shape | system | tokens/s | MFU | step ms | vs HF compiled | peak mem GiB | warmup/compile s | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "step_ms" not in r:
+            print(f"| {r['shape']} | {r['system']} | {r.get('error')} | | | | | | |")
+            continue
+        ref = next((q for q in rows if q["shape"] == r["shape"] and q["system"] == "hf-compiled" and "step_ms" in q),
+                   None)
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        print(f"| {r['shape']} (b{r['batch']}) | {r['system']} | {r['tokens_per_s'] / 1e3:,.0f}k | "
+              f"{100 * r['mfu']:.1f}% | {r['step_ms']:.2f} | {ratio} | {r['peak_mem_GiB']:.2f} | "
+              f"{r['warmup_s']:.1f} | {r['loss']:.3f} |")
+
+
+def profile(shape: str, args) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    kwargs, batch = SHAPES[shape]
+    cfg = ModelConfig(**kwargs, attention_backend="auto", fused_loss=True)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1)).cuda()
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    step, _ = build("ours-compiled", cfg, args.compile_mode, args.activation_checkpointing, not args.no_clip)
+    for _ in range(max(args.warmup, 3)):
+        step(x, y)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step(x, y)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch versions
+        try:
+            print(averages.table(sort_by=key, row_limit=15, max_name_column_width=90))
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    if os.environ.get("OUT"):
+        prof.export_chrome_trace(str(Path(os.environ["OUT"]) / f"trace_{shape}.json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {list(SYSTEMS)}")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per system")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--quick", action="store_true", help="tinystories only, 10 timed steps, 3 warm-up")
+    parser.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
+                        help="dist_lm compile granularity (dist_lm.train.parallel.apply_compile)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="both systems recompute blocks")
+    parser.add_argument("--no-clip", action="store_true", help="skip grad-norm clipping in both systems")
+    parser.add_argument("--profile", metavar="SHAPE", choices=tuple(SHAPES), help="profile dist_lm compiled only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train needs a CUDA device")
+    if args.profile:
+        profile(args.profile, args)
+        return
+    if args.quick:
+        args.shapes, args.steps, args.warmup = "tinystories", 10, 3
+    shapes = [s for s in args.shapes.split(",") if s]
+    systems = [s for s in args.systems.split(",") if s]
+    for name, known in (("shape", SHAPES), ("system", SYSTEMS)):
+        bad = [s for s in (shapes if name == "shape" else systems) if s not in known]
+        if bad:
+            raise SystemExit(f"unknown {name}(s) {bad}; choose from {list(known)}")
+    rows = [measure(shape, system, args) for shape in shapes for system in systems]
+    print_table(rows)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
+        (Path(out) / f"bench_train_{'_'.join(shapes)}_{args.compile_mode}.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
