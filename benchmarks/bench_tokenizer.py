@@ -7,6 +7,9 @@ Prints, on the bundled TinyStories sample and on tests/fixtures/corpus.en:
   byte-level BpeTrainer at the same vocab size and specials, with the ratio and bytes/token;
 - encode MB/s of ours (1 process, cold and warm cache; N processes via encode_batch), of tiktoken
   and of HF `tokenizers`, all with GPT-2's files, and of ours with the shipped tinystories-10k;
+  "cold" is a fresh Tokenizer per run (empty pre-token cache), timed from the encode call;
+- where a cold encode spends its time: regex, BPE of the distinct pre-tokens (whole-token words are a
+  lookup, the rest run the merge loop), cache lookups;
 - peak memory growth of `encode_iterable` over a file 1x and 10x the sample (fresh subprocess each).
 Times are the best of `--repeat` runs, to damp noise from other work on a shared machine.
 """
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 
 import regex
@@ -30,6 +34,7 @@ import tiktoken
 import tokenizers
 from dist_lm.tokenizer import Tokenizer, load_tokenizer
 from dist_lm.tokenizer.formats import CHAR_TO_BYTE
+from dist_lm.tokenizer.pretokenize import PRETOKEN_RE
 from dist_lm.tokenizer.train import train_bpe_with_stats
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
@@ -121,12 +126,43 @@ def bench_encode(path: Path, repeat: int, num_workers: int) -> list[str]:
     rows = [
         ("ours, 1 process, cold cache (GPT-2)", t_cold),
         ("ours, 1 process, warm cache (GPT-2)", t_warm),
-        (f"ours, encode_batch {num_workers} processes, text x4 (GPT-2)", t_multi),
+        (f"ours, encode_batch num_workers={num_workers}, text x4 (GPT-2)", t_multi),
         ("ours, 1 process, warm cache (tinystories-10k)", t_shipped),
         ("tiktoken, 1 thread (GPT-2)", t_tik),
         ("HF tokenizers encode (GPT-2 tokenizer.json)", t_hf),
     ]
     return [f"| {path.name} | {name} | {mb / t:.2f} | {t_tik / t:.2f}x |" for name, t in rows]
+
+
+def cold_split(path: Path, repeat: int) -> str:
+    """One row: a cold encode's time split into its phases (best of `repeat` each, fresh tokenizer per run)."""
+    text = path.read_text(encoding="utf-8")
+    gpt2_files = (GPT2_DIR / "gpt2_vocab.json", GPT2_DIR / "gpt2_merges.txt", [EOT])
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        tok = Tokenizer.from_files(*gpt2_files)
+        times = {}
+        t = time.perf_counter()
+        parts = tok._special_re.split(text)[::2]
+        words = [PRETOKEN_RE.findall(p) for p in parts]
+        times["regex"] = time.perf_counter() - t
+        t = time.perf_counter()
+        distinct = set(chain.from_iterable(words))
+        # what a cache miss does: a whole-token word is a lookup, any other word runs the merge loop
+        cache = {w: tok._whole_words.get(w) or tok._bpe(w) for w in distinct}
+        times["bpe"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for w in words:
+            list(chain.from_iterable(map(cache.__getitem__, w)))
+        times["lookup"] = time.perf_counter() - t
+        tok = Tokenizer.from_files(*gpt2_files)
+        t = time.perf_counter()
+        tok.encode(text)
+        times["total"] = time.perf_counter() - t
+        best = {k: min(best.get(k, float("inf")), v) for k, v in times.items()}
+    ms = {k: f"{v * 1e3:.1f} ms" for k, v in best.items()}
+    return (f"| {path.name} | {ms['regex']} | {ms['bpe']} ({len(distinct):,} distinct) | {ms['lookup']} "
+            f"| {ms['total']} |")
 
 
 # RSS high-water mark can hide growth behind the loading peak, so the child also reports tracemalloc's
@@ -182,6 +218,10 @@ def main() -> None:
     print("| corpus | encoder | MB/s | vs tiktoken |\n|---|---|---|---|")
     for path in (SAMPLE, CORPUS_EN):
         print("\n".join(bench_encode(path, args.repeat, args.num_workers)))
+    print(f"\n### Cold encode time split (GPT-2, best of {args.repeat} per phase)\n")
+    print("| corpus | regex | BPE of distinct pre-tokens | cache lookups | whole cold encode |\n|---|---|---|---|---|")
+    for path in (SAMPLE, CORPUS_EN):
+        print(cold_split(path, args.repeat))
     print("\n### encode_iterable peak RSS growth (tinystories-10k, file lines)\n")
     print("| input | peak RSS growth | peak Python allocations (tracemalloc) |\n|---|---|---|")
     print("\n".join(bench_memory()))

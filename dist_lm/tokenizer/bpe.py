@@ -3,9 +3,22 @@
 Design decisions:
 - Encoding = split on special tokens (longest first at a position) -> GPT-2 regex pre-tokens ->
   per pre-token BPE. Pre-token -> ids goes through a cache (a dict whose `__missing__` runs the
-  merges), so `map(cache.__getitem__, pretokens)` stays in C for every repeated word; the regex is
-  then most of the time. The cache is cleared when it passes `CACHE_MAX` entries so memory stays
-  bounded on endless, diverse input.
+  merges), so `map(cache.__getitem__, pretokens)` stays in C for every repeated word. The cache is
+  cleared when it passes `CACHE_MAX` entries so memory stays bounded on endless, diverse input.
+- Where cold time goes (GPT-2's files, corpus.en: 133 kB, 27.8k pre-tokens, 4.8k distinct, 28.7k
+  merges to apply): regex ~7 ms, cache lookups ~2 ms, BPE of the distinct words ~25 ms. Warm, the
+  regex is most of the time. So the merge loop is built for few Python steps per merge:
+  `ranks[j]` holds the rank of pair j, computed once in C (`map`), and a merge updates only its two
+  neighbours (two lookups in `_rows[left][right]`, nested dicts: no tuple per lookup) before
+  `min`/`index` (C) find the next one. That is ~0.6 us per merge in context, 2x the previous loop,
+  which rescanned every pair in Python after each merge. Measured and dropped: str.replace over
+  one-char-per-token strings (rescanning all pairs in C each round costs as much), int pair keys,
+  sentinel ids, and a lazy top-down check that a word which is a vocab token encodes to that token
+  (every node of its merge tree must be checked once: ~12% gain for ~50 lines of proof-carrying code).
+  Pure Python stays near that floor. What does pay: most first-seen words are whole vocab tokens, so
+  construction runs BPE once on every token's text and keeps those that come out as that single token
+  (`_single_token_words`, exact by construction, from the vocab alone); a miss on such a word skips the
+  merge loop. The next step after that is a compiled merge loop.
 - The merge loop applies, repeatedly, the lowest-ranked merge among adjacent pairs, all its
   non-overlapping occurrences left to right: GPT-2's rule, which tiktoken and `tokenizers` match.
 - Vocab and merges are checked against each other at construction: every merge's parts and result
@@ -15,7 +28,9 @@ Design decisions:
   which must cut files at specials, refuses a special that is a prefix of another.
 - `encode_iterable` regroups its input at safe cuts (pretokenize.iter_safe_segments), so its ids
   equal `encode("".join(input))` while memory stays flat.
-- `encode_batch` uses a fork pool: the tokenizer is inherited by each worker, not pickled per task.
+- `encode_batch` uses a fork pool: the tokenizer (and its warm cache) is inherited by each worker, not
+  pickled per task; ids come back as arrays (one bytes blob each). Below `POOL_MIN_CHARS` per worker
+  it encodes in-process: on 2 cores the pool broke even at ~1 MB and lost below.
 """
 
 from __future__ import annotations
@@ -25,16 +40,18 @@ import json
 import multiprocessing
 import os
 import sys
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 
 from dist_lm.tokenizer import formats
 from dist_lm.tokenizer.pretokenize import PRETOKEN_RE, iter_safe_segments, special_regex
 
 EOT = "<|endoftext|>"
+POOL_MIN_CHARS = 1 << 20  # per worker; below it encode_batch stays in-process (measured crossover ~1 MB)
 CACHE_MAX = 200_000  # pre-tokens; ~40 MB of strings and tuples at most
-_NO_RANK = 1 << 62  # rank of a pair that has no merge
+_EMPTY_ROW: dict[int, int] = {}  # merges starting with an id that starts none; never mutated
 
 
 class _MergeCache(dict):
@@ -47,7 +64,7 @@ class _MergeCache(dict):
     def __missing__(self, word: str) -> tuple[int, ...]:
         if len(self) >= CACHE_MAX:
             self.clear()
-        ids = self._tok._bpe(word)
+        ids = self._tok._whole_words.get(word) or self._tok._bpe(word)
         self[word] = ids
         return ids
 
@@ -86,9 +103,13 @@ class Tokenizer:
             )
         self._byte_ids = [inverse[bytes([b])] for b in range(256)]
 
-        # (left id, right id) -> merge rank, and -> merged id
-        self._ranks: dict[tuple[int, int], int] = {}
-        self._merged: dict[tuple[int, int], int] = {}
+        # Merge tables, indexed for the merge loop (see `_bpe`): `_rows[left id]` is a dict
+        # right id -> merge rank (one shared empty dict for ids that start no merge), and
+        # `_merged[rank]` the id the merge makes. A nested dict, not a (left, right) tuple key,
+        # saves building a tuple per lookup: ~10% of the loop.
+        self._num_ranks = len(self.merges)  # the "no merge" rank: above every real one, and a small int
+        self._rows: list[dict[int, int]] = [_EMPTY_ROW] * (max(self.vocab) + 1)
+        self._merged: list[int] = [0] * len(self.merges)
         for rank, (a, b) in enumerate(self.merges):
             for part in (a, b, a + b):
                 if part not in inverse:
@@ -96,13 +117,37 @@ class Tokenizer:
                         f"vocab and merges disagree: merge {rank + 1} ({a!r}, {b!r}) needs token {part!r}, "
                         f"which is not in the vocab; load a vocab and merges saved together"
                     )
-            pair = (inverse[a], inverse[b])
-            if pair not in self._ranks:  # a repeated merge line never applies: the first one wins
-                self._ranks[pair] = rank
-                self._merged[pair] = inverse[a + b]
+            left, right = inverse[a], inverse[b]
+            row = self._rows[left]
+            if row is _EMPTY_ROW:
+                row = self._rows[left] = {}
+            if right not in row:  # a repeated merge line never applies: the first one wins
+                row[right] = rank
+                self._merged[rank] = inverse[a + b]
 
         self._special_re = special_regex(self.special_tokens)
+        self._whole_words = self._single_token_words()
         self._cache = _MergeCache(self)
+
+    def _single_token_words(self) -> dict[str, tuple[int]]:
+        """Text of every token that BPE provably encodes as that one token (checked by running BPE on it).
+
+        Most distinct words in real text are whole tokens (~80% of corpus.en's with GPT-2's vocab), so a
+        first-seen word skips the merge loop. Derived from the vocab alone, once, at construction
+        (~0.1 s for GPT-2's 50k tokens); exact, since a token whose BPE is another split is left out.
+        """
+        specials = set(self.special_ids.values())
+        words: dict[str, tuple[int]] = {}
+        for i, b in self.vocab.items():
+            if i in specials or len(b) < 2:
+                continue
+            try:
+                text = b.decode("utf-8")
+            except UnicodeDecodeError:  # a token inside a multi-byte character is never a whole pre-token
+                continue
+            if self._bpe(text) == (i,):
+                words[text] = (i,)
+        return words
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -176,30 +221,35 @@ class Tokenizer:
 
     # ---- encode -------------------------------------------------------------------------------
     def _bpe(self, word: str) -> tuple[int, ...]:
-        # A plain loop measured 2x faster here than min()/map()/list.index variants: words are short.
-        ids = [self._byte_ids[b] for b in word.encode("utf-8")]
-        get = self._ranks.get
-        while len(ids) > 1:
-            best = _NO_RANK
-            for pair in zip(ids, ids[1:], strict=False):
-                r = get(pair, _NO_RANK)
-                if r < best:
-                    best = r
-                    best_pair = pair
-            if best == _NO_RANK:
+        # 1) `ranks[j]` is the merge rank of the pair (ids[j], ids[j + 1]), computed once, in C (map).
+        # 2) Merge the leftmost pair of lowest rank; only its two neighbours' ranks change, so each
+        #    merge costs two dict lookups plus min/index over a short list (C), not a rescan of all
+        #    pairs in Python (the previous loop: 2x slower on GPT-2's merges).
+        # 3) GPT-2's rule merges *all* occurrences of that pair, left to right, before the next rank:
+        #    the `r in ranks` check continues with the next occurrence at once, so the result is
+        #    GPT-2's even for merge lists where a merged token could take part in a lower-ranked merge.
+        ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
+        if len(ids) < 2:
+            return tuple(ids)
+        rows, merged, none = self._rows, self._merged, self._num_ranks
+        ranks = list(map(dict.get, map(rows.__getitem__, ids), ids[1:], repeat(none)))
+        r = min(ranks)
+        while r != none:
+            new = merged[r]
+            i = ranks.index(r)
+            while True:
+                ids[i] = new
+                del ids[i + 1], ranks[i]
+                if i:
+                    ranks[i - 1] = rows[ids[i - 1]].get(new, none)
+                if i < len(ranks):
+                    ranks[i] = rows[new].get(ids[i + 1], none)
+                if r not in ranks:
+                    break
+                i = ranks.index(r, i)
+            if not ranks:
                 break
-            a, b = best_pair
-            new = self._merged[best_pair]
-            out: list[int] = []  # every non-overlapping occurrence, left to right
-            i, n = 0, len(ids)
-            while i < n:
-                if ids[i] == a and i + 1 < n and ids[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            r = min(ranks)
         return tuple(ids)
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
@@ -224,20 +274,24 @@ class Tokenizer:
             yield from self.encode(segment)
 
     def encode_batch(self, texts: Sequence[str], num_workers: int | None = None) -> list[list[int]]:
-        """`[encode(t) for t in texts]`, over `num_workers` processes (None = all cores)."""
+        """`[encode(t) for t in texts]`, over up to `num_workers` processes (None = all cores).
+
+        Inputs under POOL_MIN_CHARS per worker are encoded in this process: below that, starting a pool
+        and sending the ids back cost more than a second core gives (benchmarks/README.md).
+        """
         if num_workers is None:
             num_workers = os.cpu_count() or 1
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers} must be >= 1 (or None for all cores)")
-        total = sum(len(t) for t in texts)
-        if num_workers == 1 or len(texts) < 2 or total < (1 << 16):
-            return [self.encode(t) for t in texts]  # a pool costs more than it saves on small inputs
+        num_workers = min(num_workers, len(texts), sum(map(len, texts)) // POOL_MIN_CHARS)
+        if num_workers < 2:
+            return [self.encode(t) for t in texts]
         ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-        # Large chunks: per-task overhead (pickling the results) is then a small share.
+        # Large chunks: per-task overhead is then a small share.
         chunksize = max(1, len(texts) // (num_workers * 4))
         # With fork, initargs are inherited by the children, not pickled.
         with ctx.Pool(num_workers, initializer=_set_worker_tokenizer, initargs=(self,)) as pool:
-            return pool.map(_encode_in_worker, texts, chunksize=chunksize)
+            return [a.tolist() for a in pool.map(_encode_in_worker, texts, chunksize=chunksize)]
 
     # ---- decode -------------------------------------------------------------------------------
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -259,9 +313,10 @@ def _set_worker_tokenizer(tok: Tokenizer) -> None:
     _WORKER_TOKENIZER = tok
 
 
-def _encode_in_worker(text: str) -> list[int]:
+def _encode_in_worker(text: str) -> array:
     assert _WORKER_TOKENIZER is not None
-    return _WORKER_TOKENIZER.encode(text)
+    # An array pickles as one bytes blob: ~10x cheaper to send back than a list of ints.
+    return array("q", _WORKER_TOKENIZER.encode(text))
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

@@ -98,9 +98,12 @@ def test_fused_adamw_matches_reference_and_torch_over_50_steps():
     finally:
         fa.FusedAdamWPlan.step = original
     assert len(launches) == 100  # one per group per step: the kernel really ran
+    # On CUDA the foreach path rounds `p -= lr*wd*p` and `p -= update` separately where the kernel fuses
+    # them, so over 50 steps the three drift apart by a few ulp (an H100 measured 4.1e-6 max abs at |p| up
+    # to ~4.5 against foreach): tolerances relative to |p|, not the CPU test's 1e-6 absolute.
     for a, b, c, start in zip(*sets, init, strict=True):
-        assert (a - b).abs().max().item() < 1e-6
-        assert (a - c).abs().max().item() < 1e-5
+        torch.testing.assert_close(a, b, rtol=5e-6, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=5e-6, atol=1e-6)
         assert (a - start).abs().max().item() > 1e-3
     torch.testing.assert_close(opts[0].state[sets[0][0]]["exp_avg_sq"], opts[1].state[sets[1][0]]["exp_avg_sq"],
                                atol=1e-9, rtol=1e-6)
@@ -119,8 +122,8 @@ def test_fused_adamw_step_function_matches_adamw_step():
         kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
         fused_adamw_step(ps, grads, ms[0], ms[1], step, **kw)
         adamw_step(qs, grads, ms[2], ms[3], step, **kw)
-    for a, b in zip(ps, qs, strict=True):
-        assert (a - b).abs().max().item() < 1e-6
+    for a, b in zip(ps, qs, strict=True):  # fused vs separate roundings, as above (H100: 2.4e-6 max abs)
+        torch.testing.assert_close(a, b, rtol=5e-6, atol=1e-6)
 
 
 def _cfg(**model) -> RunConfig:

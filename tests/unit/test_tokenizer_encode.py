@@ -1,12 +1,13 @@
 """Encoding: GPT-2's files against tiktoken, round trips, specials, streaming and batch encode."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import tiktoken
 
-from dist_lm.tokenizer import Tokenizer, load_tokenizer
+from dist_lm.tokenizer import Tokenizer, bpe, load_tokenizer
 from dist_lm.tokenizer.formats import CHAR_TO_BYTE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +83,43 @@ def test_overlapping_specials_longest_first():
     assert tok.encode("x<|a|><|b|><|a|>") == [ord("x"), ab, a]
 
 
+def _reference_bpe(tok: Tokenizer, word: bytes) -> list[int]:
+    """GPT-2's rule, spelled out on bytes: merge every occurrence of the lowest-ranked pair, repeat."""
+    rank = {pair: r for r, pair in reversed(list(enumerate(tok.merges)))}  # a repeated merge: the first wins
+    none = len(tok.merges)
+    parts = [bytes([b]) for b in word]
+    while len(parts) > 1:
+        best = min((rank.get(p, none), p) for p in zip(parts, parts[1:], strict=False))
+        if best[0] == none:
+            break
+        out, i = [], 0
+        while i < len(parts):
+            if tuple(parts[i : i + 2]) == best[1]:
+                out.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                out.append(parts[i])
+                i += 1
+        parts = out
+    inverse = {b: i for i, b in sorted(tok.vocab.items(), reverse=True)}
+    return [inverse[p] for p in parts]
+
+
+def test_merge_loop_equals_reference_on_odd_merges():
+    """Merges out of training order, repeats and overlaps: the incremental loop must still follow GPT-2's rule."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    merges = [(b"ab", b"c"), (b"a", b"a"), (b"c", b"a"), (b"a", b"b"), (b"aa", b"a"), (b"a", b"b"), (b"b", b"ca"),
+              (b"aa", b"aa"), (b"abc", b"abc"), (b"b", b"c")]
+    for a, b in merges:
+        if a + b not in vocab.values():
+            vocab[max(vocab) + 1] = a + b
+    tok = Tokenizer(vocab, merges)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 12))) for _ in range(2000)]
+    for w in words + ["aaaa", "aaaaa", "abcabc", "abca", "bcabca"]:
+        assert list(tok._bpe(w)) == _reference_bpe(tok, w.encode()), w
+
+
 def test_eot_id_missing_is_an_error():
     tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], [])
     with pytest.raises(ValueError, match="endoftext"):
@@ -98,11 +136,13 @@ def test_encode_iterable_equals_encode(gpt2, tiktoken_gpt2):
     assert list(gpt2.encode_iterable(pieces)) == tiktoken_gpt2.encode(text, allowed_special="all")
 
 
-def test_encode_batch_equals_encode(gpt2):
+def test_encode_batch_equals_encode(gpt2, monkeypatch):
     docs = SAMPLE.read_text(encoding="utf-8").split(EOT)[:400] + VARIED
     expected = [gpt2.encode(d) for d in docs]
-    assert gpt2.encode_batch(docs, num_workers=2) == expected
+    assert gpt2.encode_batch(docs, num_workers=2) == expected  # small: stays in-process
     assert gpt2.encode_batch(docs, num_workers=1) == expected
+    monkeypatch.setattr(bpe, "POOL_MIN_CHARS", 1000)  # force the pool on this small input
+    assert gpt2.encode_batch(docs, num_workers=2) == expected
 
 
 def test_shipped_tokenizer_roundtrips_and_compresses():
