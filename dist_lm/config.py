@@ -309,6 +309,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the annotation; accept ints for floats and '1e-4' strings (YAML 1.1 reads them so)."""
     origin = typing.get_origin(hint)
@@ -319,6 +322,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key) if len(inner) == 1 else value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
+            value = next((a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]), value)
         if value not in args:
             raise ValueError(f"config key {key}={value!r} is not accepted; use {_type_name(hint)}")
         return value

@@ -181,14 +181,32 @@ def optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard (DTensor) is all-gathered, a collective every rank must call."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def model_state_full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with every sharded tensor gathered, on the CPU (collective under FSDP2).
+
+    Checkpoints are always consolidated: a run saved on N GPUs resumes on any number of them, and its
+    model.safetensors loads on one GPU or the CPU with nothing but safetensors.
+    """
+    return {k: full_tensor(v).detach().cpu() for k, v in model.state_dict().items()}
+
+
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, param_names: list[str]
                          ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """(tensors keyed '<param>.<key>', param-group hyperparameters with param names) of an optimizer."""
+    """(tensors keyed '<param>.<key>', param-group hyperparameters with param names) of an optimizer;
+    sharded state is gathered (collective under FSDP2)."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for index, entry in sd["state"].items():
         for key, value in entry.items():
-            tensors[f"{param_names[index]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            value = full_tensor(value).detach().cpu() if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{param_names[index]}.{key}"] = value
     groups = []
     for group in sd["param_groups"]:
         meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
@@ -205,9 +223,11 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, param_names: list[s
         raise ValueError(f"optimizer state in {source} is for other parameters than the model's; use the config "
                          "stored in the checkpoint's state.json")
     index = {name: i for i, name in enumerate(param_names)}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name in saved_names:
-        entry = {k: tensors[f"{name}.{k}"] for k in _OPTIM_KEYS if f"{name}.{k}" in tensors}
+        entry = {k: _like_param(tensors[f"{name}.{k}"], params[index[name]]) for k in _OPTIM_KEYS
+                 if f"{name}.{k}" in tensors}
         if entry:
             state[index[name]] = entry
     param_groups = []
@@ -216,6 +236,16 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, param_names: list[s
         g["params"] = [index[n] for n in group["param_names"]]
         param_groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full moment tensor sharded like its FSDP2 parameter (every rank read the same file, so each
+    takes its own shard locally: no communication); plain tensors and scalars pass through."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

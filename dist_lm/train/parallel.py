@@ -1,8 +1,10 @@
 """Parallelism and compilation applied over the single-device model, in a fixed order.
 
 Order (torchtitan's): activation checkpointing -> torch.compile -> data parallelism. Each step wraps
-what the previous produced; DDP/FSDP come last, from `accelerator.prepare` in the trainer, so the
-launch topology (the accelerate config) alone decides how the model is replicated or sharded.
+what the previous produced. The launch topology (the accelerate config) alone decides how the model is
+replicated or sharded: DDP comes from `accelerator.prepare` in the trainer; FSDP2 is applied here
+(`apply_fsdp`), because we choose what to shard (each TransformerBlock, the class itself, then the
+root) and the mixed-precision policy, instead of Accelerate's string-matched auto-wrap.
 
 Design decisions:
 - Checkpointing before compile: dynamo turns torch.utils.checkpoint regions into its checkpoint
@@ -18,17 +20,26 @@ Design decisions:
   one graph reused by all blocks (same code, same shapes: one compile, not num_layers), so compile time
   stops growing with depth, and a graph break in the head cannot split a block; the loss then runs
   eagerly with its own compiled elementwise helper. benchmarks/bench_train.py --compile-mode measures both.
+  Under FSDP2 the compile is per block, before sharding (torchtitan's recipe): a whole-model graph would
+  have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside them.
+- FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, LM head), so each block's
+  parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept
+  until the backward (False: more memory, one all-gather fewer per block). MixedPrecisionPolicy: params
+  in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype) so the sum over ranks
+  does not lose bits; the optimizer keeps fp32 master shards.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from dist_lm.config import RunConfig
+from dist_lm.model.transformer import TransformerBlock
 
 CompileMode = Literal["model", "blocks"]
 
@@ -67,10 +78,49 @@ def apply_compile(model: torch.nn.Module, mode: CompileMode = "model") -> torch.
     raise ValueError(f"compile mode {mode!r} is unknown; use 'model' or 'blocks'")
 
 
-def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode = "model") -> torch.nn.Module:
-    """The single-device model with the configured wrappers applied, ready for accelerator.prepare."""
+@dataclass(frozen=True)
+class FSDPOptions:
+    """How to shard: the data-parallel process group's mesh, compute dtype, resharding."""
+
+    param_dtype: torch.dtype | None = None
+    """Dtype of the all-gathered parameters the matmuls see (bf16 for mixed precision); None keeps fp32."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (gather again in the backward)."""
+    mesh: object | None = None
+    """A 1-D DeviceMesh over the ranks; None builds one over the default process group."""
+
+
+def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
+    """FSDP2 over `model`: fully_shard each TransformerBlock, then the root; in place (returns the model)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("FSDP needs an initialised process group; launch with accelerate launch or torchrun")
+    mesh = options.mesh
+    if mesh is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no TransformerBlock to shard")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+    # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model
+
+
+def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode = "model",
+                      fsdp: FSDPOptions | None = None) -> torch.nn.Module:
+    """The single-device model with the configured wrappers applied, in the fixed order
+    checkpointing -> compile -> FSDP2 (when `fsdp` is given; DDP is left to accelerator.prepare)."""
     if cfg.train.activation_checkpointing:
         model = apply_activation_checkpointing(model)
     if cfg.train.compile:
-        model = apply_compile(model, compile_mode)
+        model = apply_compile(model, "blocks" if fsdp is not None else compile_mode)
+    if fsdp is not None:
+        model = apply_fsdp(model, fsdp)
     return model

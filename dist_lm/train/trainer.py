@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
@@ -31,8 +34,10 @@ from dist_lm.model import TransformerLM, generate
 from dist_lm.optim import AdamW, clip_grad_norm, cosine_with_warmup, param_groups
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.train.checkpoint import (
+    full_tensor,
     load_checkpoint,
     load_model_weights,
+    model_state_full,
     optimizer_from_tensors,
     optimizer_param_names,
     optimizer_to_tensors,
@@ -42,7 +47,7 @@ from dist_lm.train.checkpoint import (
     set_rng_state,
 )
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
-from dist_lm.train.parallel import apply_parallelism
+from dist_lm.train.parallel import FSDPOptions, apply_parallelism
 from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
 
 METRICS_FILE = "metrics.jsonl"
@@ -88,11 +93,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
     set_seed(t.seed)  # same init on every rank
     model = TransformerLM(cfg.model)
-    optimizer = AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                      eps=cfg.optim.eps, fused=None if cfg.optim.fused else False)
-    param_names = optimizer_param_names(optimizer, model)
     start_step, run_id, ckpt = 0, None, None
-    if resume_from is not None:
+    if resume_from is not None:  # full weights into the unsharded model, before any wrapping
         ckpt = load_checkpoint(resume_from)
         _check_resumable(cfg, ckpt.state, resume_from, tokenizer.fingerprint())
         load_model_weights(model, ckpt.model_state, resume_from)
@@ -100,9 +102,17 @@ def train(cfg: RunConfig) -> TrainResult:
         run_id = ckpt.state.get("mlflow_run_id")
         batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
 
-    raw_model = model
-    model = apply_parallelism(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = model  # parameters by their plain names; FSDP2 shards it in place
+    fsdp = _fsdp_options(accelerator)
+    model = apply_parallelism(model, cfg, fsdp=fsdp)
+    # The optimizer comes after sharding: under FSDP2 it must hold the sharded (DTensor) parameters.
+    optimizer = AdamW(param_groups(raw_model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                      eps=cfg.optim.eps, fused=None if cfg.optim.fused else False)
+    param_names = optimizer_param_names(optimizer, raw_model)
+    if fsdp is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # already sharded by apply_fsdp; Accelerate only wraps the optimizer
+        optimizer = accelerator.prepare(optimizer)
     if ckpt is not None:
         optimizer_from_tensors(optimizer.optimizer, param_names, ckpt.optimizer_tensors, ckpt.state["optimizer"],
                                resume_from)
@@ -134,6 +144,7 @@ def train(cfg: RunConfig) -> TrainResult:
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     meter.reset(start_step)
+    run_start = time.perf_counter()
     status = "FAILED"
     try:
         for step in range(start_step, t.max_steps):
@@ -152,12 +163,19 @@ def train(cfg: RunConfig) -> TrainResult:
                     step_loss += loss.detach()
                     if accelerator.sync_gradients:
                         accelerator.unscale_gradients()
-                        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip or math.inf)
+                        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
             pending_loss.append(step_loss / t.grad_accum_steps)
             done = step + 1
             bar.update(1)
+            if step == start_step and t.compile:
+                if accelerator.device.type == "cuda":
+                    torch.cuda.synchronize()  # once, so the figure includes the compiled kernels' first run
+                first_step_s = time.perf_counter() - run_start
+                tracker.log_metrics({"perf/compile_and_first_step_s": first_step_s}, step=done)
+                say(f"torch.compile + first step: {first_step_s:.1f} s")
+                meter.reset(done)
 
             if done % t.log_interval == 0 or done == t.max_steps:
                 losses = accelerator.reduce(torch.stack(pending_loss), reduction="mean").tolist()
@@ -169,7 +187,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 result.losses.update({first + i: v for i, v in enumerate(losses)})
                 speed = meter.measure(done)
                 result.tokens_per_s = speed["tokens_per_s"]
-                norm = float(grad_norm)
+                norm = float(full_tensor(grad_norm))
                 for i, v in enumerate(losses):
                     tracker.log_metrics({"train/loss": v}, step=first + i)
                 metrics = {"train/lr": lr, "train/grad_norm": norm, "epoch": batches.epoch_of(done),
@@ -195,7 +213,8 @@ def train(cfg: RunConfig) -> TrainResult:
             interval = cfg.checkpoint.interval
             if (interval and done % interval == 0) or done == t.max_steps:
                 result.last_checkpoint = _save(cfg, accelerator, raw_model, optimizer.optimizer, param_names,
-                                               batches, done, lr, tokenizer.fingerprint(), tracker.run_id, world)
+                                               batches, done, lr, tokenizer.fingerprint(), tracker.run_id, world,
+                                               sharded=fsdp is not None)
                 if is_main:
                     say(f"step {done:>6}/{t.max_steps} | saved {result.last_checkpoint}")
                 meter.reset(done)
@@ -204,7 +223,8 @@ def train(cfg: RunConfig) -> TrainResult:
         bar.close()
         tracker.close(status)
 
-    if is_main and t.sample_tokens > 0:
+    # Under FSDP2 every rank must run the forward (it all-gathers); same seed, same tokens on every rank.
+    if t.sample_tokens > 0 and (is_main or fsdp is not None):
         result.sample = sample_text(raw_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         say(f"\n--- sample ({t.sample_tokens} tokens, temperature 0.8, top-p 0.95) ---\n{result.sample}\n---")
     if is_main and tracker.run_id:
@@ -283,14 +303,35 @@ def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str) 
                          f"{cfg.data.tokenizer_dir}; point data.tokenizer_dir at the original tokenizer")
 
 
+def _fsdp_options(accelerator: Accelerator) -> FSDPOptions | None:
+    """FSDP2 settings from the accelerate config when launched with distributed_type FSDP, else None."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by accelerate launch
+            warnings.warn("the accelerate config asks for FSDP, which Accelerate does not run on the CPU; "
+                          "training with plain data parallelism instead", RuntimeWarning, stacklevel=2)
+        return None
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("the accelerate config asks for FSDP version 1; dist_lm shards with FSDP2: set "
+                         "fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("FSDP2 with fp16 needs a sharded gradient scaler, which dist_lm does not have; use "
+                         "mixed_precision bf16")
+    dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward))
+
+
 def _save(cfg: RunConfig, accelerator: Accelerator, raw_model: TransformerLM, optimizer: torch.optim.Optimizer,
           param_names: list[str], batches: TrainBatches, step: int, lr: float, fingerprint: str,
-          run_id: str | None, world: int) -> Path | None:
-    """Main process writes the checkpoint; every rank contributes its RNG state."""
+          run_id: str | None, world: int, *, sharded: bool) -> Path | None:
+    """Main process writes a consolidated checkpoint; under FSDP2 every rank takes part in gathering the
+    shards, and every rank contributes its RNG state."""
     rngs = gather_object([rng_state()])
     path = None
-    if accelerator.is_main_process:
+    if sharded or accelerator.is_main_process:
+        model_state = model_state_full(raw_model)
         tensors, groups = optimizer_to_tensors(optimizer, param_names)
+    if accelerator.is_main_process:
         state = {
             "schedule": {"step": step, "lr": lr},
             "data": {"samples_consumed": batches.samples_consumed(step), "global_batch_size": batches.global_batch(),
@@ -302,7 +343,7 @@ def _save(cfg: RunConfig, accelerator: Accelerator, raw_model: TransformerLM, op
             "mlflow_run_id": run_id,
             "world_size": world,
         }
-        path = save_checkpoint(cfg.output_dir(), step, raw_model.state_dict(), tensors, state,
+        path = save_checkpoint(cfg.output_dir(), step, model_state, tensors, state,
                                keep_last=cfg.checkpoint.keep_last)
     accelerator.wait_for_everyone()
     return path

@@ -48,6 +48,7 @@ def test_yaml_values_and_overrides(tmp_path):
     assert cfg.train.compile is True
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.name == "x" and cfg.output_dir() == Path("runs/x")
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's bool `no`
 
 
 @pytest.mark.parametrize(

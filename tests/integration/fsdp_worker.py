@@ -1,0 +1,86 @@
+"""One rank of the FSDP2 CPU test (tests/integration/test_fsdp.py), started by torchrun over gloo.
+
+It goes through the same functions as the trainer (apply_parallelism with FSDPOptions, our AdamW and
+clipping, the consolidated checkpoint writer), not through Accelerate, which turns FSDP off on the CPU.
+
+usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS [RESUME_CHECKPOINT]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_lm.config import ModelConfig, RunConfig
+from dist_lm.model import TransformerLM
+from dist_lm.optim import AdamW, clip_grad_norm, param_groups
+from dist_lm.train.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    model_state_full,
+    optimizer_from_tensors,
+    optimizer_param_names,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from dist_lm.train.parallel import FSDPOptions, apply_parallelism
+
+CFG = RunConfig(model=ModelConfig(vocab_size=64, seq_len=16, d_model=32, num_layers=2, num_heads=2))
+GLOBAL_BATCH = 8
+
+
+def batch(step: int) -> torch.Tensor:
+    """The global batch of a step, (GLOBAL_BATCH, seq_len + 1), the same for any number of ranks."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, CFG.model.vocab_size, (GLOBAL_BATCH, CFG.model.seq_len + 1), generator=g)
+
+
+def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, fsdp: FSDPOptions | None) -> None:
+    torch.manual_seed(0)
+    model = TransformerLM(CFG.model)
+    start = 0
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt:
+        load_model_weights(model, ckpt.model_state, resume)
+        start = ckpt.state["step"]
+    raw = model
+    model = apply_parallelism(model, CFG, fsdp=fsdp)
+    if fsdp is not None:  # really sharded: every parameter is a DTensor holding 1/world of the rows
+        from torch.distributed.tensor import DTensor
+
+        assert all(isinstance(p, DTensor) for p in raw.parameters())
+    opt = AdamW(param_groups(raw, 0.1), lr=1e-2)
+    names = optimizer_param_names(opt, raw)
+    if ckpt:
+        optimizer_from_tensors(opt, names, ckpt.optimizer_tensors, ckpt.state["optimizer"], resume)
+    losses = []
+    per_rank = GLOBAL_BATCH // world
+    for step in range(start, start + steps):
+        data = batch(step)[rank * per_rank:(rank + 1) * per_rank]
+        loss = model(data[:, :-1], data[:, 1:])
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(mean.item())
+    model_state = model_state_full(raw)  # collective under FSDP2: every rank calls it
+    tensors, groups = optimizer_to_tensors(opt, names)
+    if rank == 0:
+        save_checkpoint(out_dir, start + steps, model_state, tensors, {"optimizer": groups})
+        (out_dir / "losses.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out, steps = Path(sys.argv[1]), int(sys.argv[2])
+    resume = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    run(out, steps, resume, rank, world, FSDPOptions())
+    dist.barrier()
+    dist.destroy_process_group()

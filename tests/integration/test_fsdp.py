@@ -1,0 +1,66 @@
+"""FSDP2 on 2 gloo processes: same losses as 1 process, consolidated checkpoints that move both ways."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import ok
+
+from dist_lm.train.checkpoint import list_checkpoints, load_checkpoint
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+import fsdp_worker  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int = 2) -> list[float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+           f"--master_port={free_port()}", str(WORKER), str(out), str(steps)] + ([str(resume)] if resume else [])
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    return json.loads((out / "losses.json").read_text())
+
+
+def single(out: Path, steps: int, resume: Path | None = None) -> list[float]:
+    """The unsharded reference: the same worker code in this process, world size 1, no FSDP."""
+    fsdp_worker.run(out, steps, resume, rank=0, world=1, fsdp=None)
+    return json.loads((out / "losses.json").read_text())
+
+
+def assert_same_checkpoint(a: Path, b: Path, tol: float = 1e-5) -> None:
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca.model_state.keys() == cb.model_state.keys()
+    for key in ca.model_state:
+        torch.testing.assert_close(ca.model_state[key], cb.model_state[key], atol=tol, rtol=tol, msg=key)
+    assert ca.optimizer_tensors.keys() == cb.optimizer_tensors.keys()
+    for key in ca.optimizer_tensors:
+        torch.testing.assert_close(ca.optimizer_tensors[key], cb.optimizer_tensors[key], atol=tol, rtol=tol,
+                                   msg=key)
+
+
+def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
+    ref = tmp_path / "ref"
+    sharded = tmp_path / "sharded"
+    ref_losses = single(ref, 4)
+    fsdp_losses = torchrun(sharded, 4)
+    assert max(abs(a - b) for a, b in zip(ref_losses, fsdp_losses, strict=True)) < 1e-5, (ref_losses, fsdp_losses)
+    assert ref_losses[-1] < ref_losses[0]
+    # Saved by 2 processes, consolidated: equal to the unsharded run's state, tensor by tensor.
+    assert_same_checkpoint(list_checkpoints(ref)[-1], list_checkpoints(sharded)[-1])
+
+    # 2 -> 1: resume the FSDP checkpoint in one process; 1 -> 2: resume the single one under FSDP.
+    ref_more = single(tmp_path / "ref_more", 2, list_checkpoints(ref)[-1])
+    down = single(tmp_path / "down", 2, list_checkpoints(sharded)[-1])
+    up = torchrun(tmp_path / "up", 2, list_checkpoints(ref)[-1])
+    for losses in (down, up):
+        assert max(abs(a - b) for a, b in zip(ref_more, losses, strict=True)) < 1e-5, (ref_more, losses)
+    assert_same_checkpoint(list_checkpoints(tmp_path / "ref_more")[-1], list_checkpoints(tmp_path / "up")[-1])
