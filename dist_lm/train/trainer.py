@@ -155,8 +155,7 @@ def train(cfg: RunConfig) -> TrainResult:
             model.train()
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum_steps):
-                x, y = batches.batch(step, micro)
-                x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+                x, y = (_to_device(t, accelerator.device) for t in batches.batch(step, micro))
                 with accelerator.accumulate(model):
                     loss = model(x, y)
                     accelerator.backward(loss)
@@ -232,6 +231,13 @@ def train(cfg: RunConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device; through pinned memory on CUDA so the copy is asynchronous (no host sync)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def log_jsonl(path: Path, rows: list[dict]) -> None:
