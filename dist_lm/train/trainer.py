@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -111,8 +112,11 @@ def train(cfg: RunConfig) -> TrainResult:
     param_names = optimizer_param_names(optimizer, raw_model)
     if fsdp is None:
         model, optimizer = accelerator.prepare(model, optimizer)
-    else:  # already sharded by apply_fsdp; Accelerate only wraps the optimizer
-        optimizer = accelerator.prepare(optimizer)
+    else:
+        # Already sharded by apply_fsdp. Accelerate's prepare() under FSDP2 insists on re-preparing model and
+        # optimizer together (and swaps the optimizer's parameters), so we wrap the optimizer ourselves: the
+        # wrapper is what makes optimizer.step() a no-op on accumulation micro-steps.
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if ckpt is not None:
         optimizer_from_tensors(optimizer.optimizer, param_names, ckpt.optimizer_tensors, ckpt.state["optimizer"],
                                resume_from)

@@ -1,0 +1,606 @@
+"""Data-parallel scaling on one host: dist_lm DDP and FSDP2 vs HF Llama + Accelerate, 1 and 2 GPUs, and loss parity.
+
+Run on a 2-GPU machine, one part per command (each under 8 minutes on 2xH100, compilation included):
+    python benchmarks/bench_scaling.py --part dist_lm   # ours: 1 GPU, DDP, FSDP2; compiled (+ eager at 124m)
+    python benchmarks/bench_scaling.py --part hf        # the anchor: LlamaForCausalLM, Accelerate DDP / FSDP2
+    python benchmarks/bench_scaling.py --part parity    # the real trainer, 1 vs 2 GPUs at one global batch
+Each part prints the table of every part found in --results-dir (default runs/bench_scaling, which stays on a
+warm device between calls), so the last command prints the whole comparison; `--part table` only prints it.
+Rows go to <results-dir>/bench_scaling_<part>[_<tag>].json and to $OUT when set. `--dry-run` checks it all on
+the CPU (gloo, a tiny shape, no compile).
+
+Design decisions:
+- Every configuration is its own `accelerate launch` of benchmarks/scaling_step.py (the worker), with an explicit
+  --config_file generated per run: a fresh process per row, so no compiled graph, allocator state or process
+  group leaks from one configuration into the next, and the topology comes from the launcher config exactly as
+  it does for launch/train.py. The cost is ~10 s of start-up per run, which the run counts below allow for.
+- Weak scaling: the per-GPU batch is fixed, so tokens/s per GPU at 2 GPUs / at 1 GPU is the efficiency. The
+  1-GPU baseline is the plain single-process run (distributed_type NO), what one would run on one GPU; for our
+  FSDP2 rows it is therefore the whole-model compile, and the efficiency includes FSDP2's per-block compile.
+- The HF anchor runs in the same session on the same machine (another command of it): HF is compiled before
+  `prepare` under DDP, and the FSDP2 rows use Accelerate's plugin with TRANSFORMER_BASED_WRAP on
+  LlamaDecoderLayer, as the issue specifies.
+- A per-part time budget (--budget-s): a run that would not finish in it is skipped and reported as skipped,
+  never silently dropped; each run also has a timeout after which its process group is killed.
+- Loss parity uses the real trainer (launch/train.py) at one global batch: 1 GPU with grad_accum 2 x B against
+  2 GPUs x B (DDP and FSDP2), and compares the per-step train/loss of the metrics.jsonl files.
+"""
+
+from __future__ import annotations
+
+import os
+
+# NVLink multicast must stay off on the shared device hosts (KINDS.md); forced (not setdefault) so an inherited
+# "1" cannot switch it on, and passed explicitly to every child below.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+os.environ.update(NO_MULTICAST)
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_train import SHAPES  # noqa: E402
+from scaling_step import ROW_PREFIX  # noqa: E402
+
+WORKER = ROOT / "benchmarks" / "scaling_step.py"
+PARTS = ("dist_lm", "hf", "parity", "table")
+TOPOLOGIES = ("single", "ddp", "fsdp")
+SYSTEM_NAMES = {"dist_lm": "dist_lm", "hf": "HF+Accelerate"}
+TOPOLOGY_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}
+BASE_PORT = 29610  # one port per run: a just-closed rendezvous port can linger in TIME_WAIT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher configs
+
+
+def accelerate_config(topology: str, *, num_processes: int, port: int, hf: bool = False, cpu: bool = False,
+                      regional_compile: bool = False) -> dict:
+    """The accelerate YAML (as a dict) for one run. `hf` picks Accelerate's own auto-wrap for FSDP2."""
+    cfg: dict = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0,
+                 "num_processes": num_processes, "mixed_precision": "no" if cpu else "bf16", "gpu_ids": "all"}
+    if topology == "single":
+        if num_processes != 1:
+            raise ValueError(f"topology single runs 1 process, not {num_processes}")
+        cfg["distributed_type"] = "NO"
+    elif cpu:  # torchrun + gloo: Accelerate's MULTI_CPU would go through MPI (configs/accelerate/cpu_ddp.yaml)
+        cfg.update(distributed_type="MULTI_GPU", use_cpu=True, main_process_port=port)
+    elif topology == "ddp":
+        cfg.update(distributed_type="MULTI_GPU", main_process_port=port)
+    elif topology == "fsdp":
+        fsdp = {"fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_state_dict_type": "FULL_STATE_DICT",
+                "fsdp_cpu_ram_efficient_loading": False, "fsdp_activation_checkpointing": False}
+        if hf:  # Accelerate shards each decoder layer (its auto-wrap), then embeddings, head and root
+            fsdp.update(fsdp_auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+                        fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer")
+        else:  # dist_lm.train.parallel.apply_fsdp shards the blocks itself (configs/accelerate/fsdp.yaml)
+            fsdp["fsdp_auto_wrap_policy"] = "NO_WRAP"
+        cfg.update(distributed_type="FSDP", fsdp_config=fsdp, main_process_port=port)
+    else:
+        raise ValueError(f"topology {topology!r} is unknown; choose from {TOPOLOGIES}")
+    if regional_compile:
+        cfg["dynamo_config"] = {"dynamo_backend": "INDUCTOR", "dynamo_use_regional_compilation": True}
+    return cfg
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    """Write the YAML and read it back through Accelerate's own loader, so a wrong key fails here, not mid-run."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    loaded = load_config_from_file(str(path))
+    got = {"distributed_type": getattr(loaded.distributed_type, "value", loaded.distributed_type),
+           "num_processes": loaded.num_processes,
+           "mixed_precision": getattr(loaded.mixed_precision, "value", loaded.mixed_precision)}
+    want = {"distributed_type": cfg["distributed_type"], "num_processes": cfg["num_processes"],
+            "mixed_precision": cfg["mixed_precision"]}
+    if got != want or (loaded.fsdp_config or {}) != cfg.get("fsdp_config", {}):
+        raise ValueError(f"{path}: Accelerate read {got} / {loaded.fsdp_config}, written {want} / "
+                         f"{cfg.get('fsdp_config')}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class Run:
+    """One `accelerate launch`: a worker configuration or a trainer run."""
+
+    label: str
+    topology: str
+    num_processes: int
+    script_args: list[str]
+    script: Path = WORKER
+    hf: bool = False
+    regional_compile: bool = False
+    info: dict = field(default_factory=dict)
+    """Copied into the row: system, shape, compiled, ... (what the table groups by)."""
+
+
+def _worker_common(args: argparse.Namespace) -> list[str]:
+    out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--compile-mode", args.compile_mode]
+    if args.bucket_cap_mb is not None:
+        out += ["--bucket-cap-mb", str(args.bucket_cap_mb)]
+    out += [flag for flag, on in (("--gradient-as-bucket-view", args.gradient_as_bucket_view),
+                                  ("--static-graph", args.static_graph), ("--no-clip", args.no_clip),
+                                  ("--no-broadcast-buffers", args.no_broadcast_buffers),
+                                  ("--h2d", args.h2d), ("--dry-run", args.dry_run)) if on]
+    if args.dry_run:
+        out += ["--mixed-precision", "no"]
+    return out
+
+
+def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool) -> str:
+    """What differs from the defaults, shown in the table (DDP knobs only matter to DDP rows)."""
+    parts = []
+    if system == "dist_lm" and compiled and topology != "fsdp" and args.compile_mode != "model":
+        parts.append(f"compile {args.compile_mode}")
+    if topology == "ddp":
+        if args.bucket_cap_mb is not None:
+            parts.append(f"bucket {args.bucket_cap_mb} MB")
+        if args.gradient_as_bucket_view:
+            parts.append("grad as bucket view")
+        if args.static_graph:
+            parts.append("static graph")
+        if args.no_broadcast_buffers:
+            parts.append("no buffer broadcast")
+    if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
+        parts.append("regional compile")
+    if args.h2d and system == "dist_lm":
+        parts.append("h2d copies")
+    if args.no_clip:
+        parts.append("no clip")
+    return ", ".join(parts)
+
+
+def plan_benchmark(system: str, args: argparse.Namespace) -> list[Run]:
+    """Most important first (compiled 1 GPU/DDP, then FSDP2, then eager), so a budget cut drops the extras."""
+    shapes = ["dry-run"] if args.dry_run else args.shapes
+    compiled_opts = [False] if args.dry_run else ([True] if args.quick else [True, False])
+    runs = []
+    for compiled in compiled_opts:
+        for shape in shapes:
+            if not compiled and not args.dry_run and shape not in args.eager_shapes:
+                continue
+            for topology in args.topologies:
+                if system == "hf" and topology == "fsdp" and shape not in args.hf_fsdp_shapes + ["dry-run"]:
+                    continue
+                if args.dry_run and topology == "fsdp":
+                    continue  # Accelerate runs no FSDP on the CPU (dist_lm falls back to DDP); YAMLs still checked
+                regional = system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional"
+                script_args = ["--system", system, *([] if args.dry_run else ["--shape", shape]),
+                               *_worker_common(args)]
+                if not compiled:
+                    script_args.append("--no-compile")
+                if regional:
+                    script_args += ["--hf-compile", "accelerate"]
+                n = 1 if topology == "single" else 2
+                label = f"{system} {shape} {topology} {'compiled' if compiled else 'eager'}"
+                script_args += ["--tag", label]
+                runs.append(Run(label, topology, n, script_args, hf=system == "hf", regional_compile=regional,
+                                info={"system": system, "shape": shape, "topology": topology, "compiled": compiled,
+                                      "variant": variant(args, system, topology, compiled),
+                                      "baseline_key": _baseline_key(args, system, shape, compiled)}))
+    return runs
+
+
+def _baseline_key(args: argparse.Namespace, system: str, shape: str, compiled: bool) -> str:
+    """Rows sharing this key compare against the same 1-GPU run (DDP knobs do not change a 1-process run)."""
+    mode = args.compile_mode if (system == "dist_lm" and compiled) else "-"
+    return f"{system}|{shape}|{compiled}|{mode}|clip={not args.no_clip}|h2d={args.h2d and system == 'dist_lm'}"
+
+
+PARITY_MODEL = {"demo": {}}  # the demo config's own small model (d128 L4, seq 128)
+
+
+def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
+    """1 GPU x (B, accumulation 2) vs 2 GPUs x (B, accumulation 1): the same global batch, the same windows."""
+    steps = 4 if args.dry_run else (50 if args.quick else args.parity_steps)
+    batch = 2 if args.dry_run else args.parity_batch
+    common = ["--config", str(ROOT / "configs" / "demo.yaml"), f"train.max_steps={steps}",
+              f"optim.cosine_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}",
+              f"train.eval_interval={steps}", "train.eval_batches=4", "train.sample_tokens=0",
+              "checkpoint.interval=0", "tracking.enabled=false", "train.log_interval=10", f"train.batch_size={batch}",
+              f"data.data_dir={results / 'parity' / 'data'}",
+              f"data.tokenizer_dir={ROOT / 'tokenizers' / 'tinystories-10k'}",
+              f"train.mixed_precision={'no' if args.dry_run else 'bf16'}",
+              f"train.compile={str(not (args.dry_run or args.parity_eager)).lower()}"]
+    if args.parity_shape != "demo":
+        kwargs, _ = SHAPES[args.parity_shape]
+        common += [f"model.{k}={v}" for k, v in kwargs.items()]
+    runs = []
+    topologies = ["single", "ddp"] if args.dry_run else ["single", "ddp", "fsdp"]
+    for topology in topologies:
+        n, accum = (1, 2) if topology == "single" else (2, 1)
+        run_dir = results / "parity" / topology
+        script_args = [*common, f"train.grad_accum_steps={accum}", f"run_dir={run_dir}", f"name=parity_{topology}"]
+        runs.append(Run(f"trainer {topology} x{n} accum {accum}", topology, n, script_args,
+                        script=ROOT / "launch" / "train.py",
+                        info={"run_dir": str(run_dir), "topology": topology, "num_gpus": n, "grad_accum": accum,
+                              "batch_per_gpu": batch, "steps": steps}))
+    return runs
+
+
+def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path) -> dict:
+    """Start one run, wait for it (killing its process group on timeout) and return its row."""
+    cfg = accelerate_config(run.topology, num_processes=run.num_processes, port=BASE_PORT + index, hf=run.hf,
+                            cpu=args.dry_run, regional_compile=run.regional_compile)
+    config = write_config(cfg, tmp / f"run{index:02d}_{run.topology}.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(config),
+           "--num_processes", str(run.num_processes), str(run.script), *run.script_args]
+    log = logs / f"{index:02d}_{run.label.replace(' ', '_')}.log"
+    # PYTHONPATH: launch/train.py imports dist_lm, which need not be pip-installed on the device.
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": pythonpath}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        # Own session: on timeout the whole tree (launcher + ranks) is ended through its process group id.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = None
+    wall = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    rows = [json.loads(line[len(ROW_PREFIX):]) for line in text.splitlines() if line.startswith(ROW_PREFIX)]
+    row = {**(rows[-1] if rows else {}), **run.info, "label": run.label, "wall_s": wall, "log": str(log)}
+    if rc is None:
+        row["error"] = f"timed out after {args.run_timeout} s"
+    elif rc != 0:
+        row["error"] = f"exit status {rc}"
+    elif run.script == WORKER and not rows:
+        row["error"] = "no result line"
+    if "error" in row:
+        tail = text.splitlines()[-25:]
+        row["log_tail"] = tail
+        print(f"    FAILED ({row['error']}); last lines of {log}:\n      " + "\n      ".join(tail), flush=True)
+    return row
+
+
+def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[dict]:
+    """Run the plan within the part's time budget; returns one row per planned run (skipped ones marked)."""
+    logs = results / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    start, longest, rows = time.perf_counter(), 0.0, []
+    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+        for i, run in enumerate(runs):
+            elapsed = time.perf_counter() - start
+            expected = max(longest, args.run_estimate_s)
+            if elapsed + expected > args.budget_s:
+                print(f"[{i + 1}/{len(runs)}] {run.label}: SKIPPED (budget: {elapsed:.0f} s used, ~{expected:.0f} s "
+                      f"more needed, --budget-s {args.budget_s:.0f})", flush=True)
+                rows.append({**run.info, "label": run.label, "error": "skipped: time budget"})
+                continue
+            print(f"[{i + 1}/{len(runs)}] {run.label} ...", flush=True)
+            row = launch(run, i, args, Path(tmp), logs)
+            longest = max(longest, row["wall_s"])
+            if "tokens_per_s_per_gpu" in row:
+                print(f"    {row['tokens_per_s_per_gpu'] / 1e3:,.1f}k tok/s/GPU | {row['step_ms']:.1f} ms | peak "
+                      f"{_fmt_gib(row['peak_mem_GiB'])} GiB | warm-up {row['warmup_s']:.1f} s | "
+                      f"{row['wall_s']:.0f} s wall | compile: {row['compile']}", flush=True)
+            elif "error" not in row:
+                print(f"    done in {row['wall_s']:.0f} s", flush=True)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss parity
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the trainer run failed (see its log)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def last_throughput(run_dir: Path) -> float | None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    speeds = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
+    return speeds[-1] if speeds else None
+
+
+def compare_losses(rows: list[dict]) -> list[dict]:
+    """One comparison row per 2-GPU run against the 1-GPU run: max and mean |loss difference| per step."""
+    ok = {r["topology"]: r for r in rows if "error" not in r}
+    if "single" not in ok:
+        return []
+    ref = read_losses(Path(ok["single"]["run_dir"]))
+    out = []
+    for topology in ("ddp", "fsdp"):
+        if topology not in ok:
+            continue
+        other = read_losses(Path(ok[topology]["run_dir"]))
+        steps = sorted(set(ref) & set(other))
+        if not steps or len(steps) != len(ref):
+            out.append({"pair": f"{topology} vs single", "error": f"steps differ: {len(ref)} vs {len(other)} logged"})
+            continue
+        diffs = {s: abs(ref[s] - other[s]) for s in steps}
+        worst = max(diffs, key=diffs.get)
+        out.append({"pair": f"2 GPUs {TOPOLOGY_NAMES[topology]} vs 1 GPU accum 2", "steps": len(steps),
+                    "max_abs_diff": diffs[worst], "max_at_step": worst,
+                    "mean_abs_diff": sum(diffs.values()) / len(diffs), "final_1gpu": ref[steps[-1]],
+                    "final_2gpu": other[steps[-1]], "first_1gpu": ref[steps[0]],
+                    "tokens_per_s_1gpu": last_throughput(Path(ok["single"]["run_dir"])),
+                    "tokens_per_s_2gpu": last_throughput(Path(ok[topology]["run_dir"]))})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "accelerate", "transformers", "triton"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def _fmt_k(v: float | None) -> str:
+    return f"{v / 1e3:,.1f}k" if v is not None else "-"
+
+
+def _fmt_gib(v: float | None) -> str:
+    return f"{v:.2f}" if v is not None else "-"  # None: not on a GPU (dry run)
+
+
+def _ok(r: dict | None) -> bool:
+    return r is not None and "tokens_per_s_per_gpu" in r and "error" not in r
+
+
+def print_table(parts: dict[str, dict]) -> None:
+    """Merged table of every part found: shape x system x {1 GPU, 2 GPUs}, then parity, then the targets."""
+    rows = [r for p in parts.values() if "comparisons" not in p for r in p["rows"]]
+    for name, p in sorted(parts.items()):
+        m = p["meta"]
+        v = m["versions"]
+        print(f"{name}: {m['date']} | {m.get('gpu', '?')} x{m.get('gpu_count', '?')} | torch {v['torch']} | "
+              f"accelerate {v['accelerate']} | transformers {v['transformers']} | triton {v['triton']}")
+    if rows:
+        singles = {r["baseline_key"]: r for r in rows if r.get("topology") == "single" and _ok(r)}
+        print("\n| shape | system | compile | variant | 1 GPU tok/s | 2 GPUs tok/s/GPU | efficiency | peak GiB 1 GPU | "
+              "peak GiB/GPU 2 GPUs | ours/HF 1 GPU | ours/HF 2 GPUs | warm-up s (2 GPUs) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        multi = [r for r in rows if r.get("topology") in ("ddp", "fsdp")]
+        multi.sort(key=lambda r: (r["shape"], not r["compiled"], r["system"], r["topology"], r.get("variant", "")))
+        for r in multi:
+            base = singles.get(r["baseline_key"])
+            hf2 = next((q for q in rows if q["system"] == "hf" and q["shape"] == r["shape"] and q["topology"] ==
+                        r["topology"] and q["compiled"] == r["compiled"] and not q.get("variant") and _ok(q)), None)
+            hf1 = next((q for q in rows if q["system"] == "hf" and q["shape"] == r["shape"] and q["topology"] ==
+                        "single" and q["compiled"] == r["compiled"] and _ok(q)), None)
+            name = f"{SYSTEM_NAMES[r['system']]} {TOPOLOGY_NAMES[r['topology']]}"
+            tps2 = r.get("tokens_per_s_per_gpu") if _ok(r) else None
+            tps1 = base["tokens_per_s_per_gpu"] if base else None
+            eff = f"{100 * tps2 / tps1:.1f}%" if tps1 and tps2 else "-"
+            ratio1 = (f"{tps1 / hf1['tokens_per_s_per_gpu']:.2f}x" if r["system"] == "dist_lm" and tps1 and hf1
+                      else "-")
+            ratio2 = (f"{tps2 / hf2['tokens_per_s_per_gpu']:.2f}x" if r["system"] == "dist_lm" and tps2 and hf2
+                      else "-")
+            mem1 = _fmt_gib(base["peak_mem_GiB"]) if base else "-"
+            mem2 = _fmt_gib(r["peak_mem_GiB"]) if _ok(r) else r.get("error", "?")
+            warm = f"{r['warmup_s']:.1f}" if _ok(r) else "-"
+            print(f"| {r['shape']} | {name} | {r.get('compile', 'compiled' if r['compiled'] else 'eager')} | "
+                  f"{r.get('variant') or '-'} | {_fmt_k(tps1)} | {_fmt_k(tps2)} | {eff} | {mem1} | {mem2} | {ratio1} | "
+                  f"{ratio2} | {warm} |")
+        failed = [r for r in rows if "error" in r]
+        for r in failed:
+            print(f"  not measured: {r['label']}: {r['error']}")
+        for r in rows:
+            if r.get("note"):
+                print(f"  note: {r['label']}: {r['note']}")
+        print_targets(rows, singles)
+    for p in parts.values():
+        if "comparisons" in p:
+            print_parity(p)
+
+
+def print_targets(rows: list[dict], singles: dict[str, dict]) -> None:
+    """The issue's targets, computed from the rows above (default variants only)."""
+    def eff(system: str, topology: str, shape: str) -> tuple[float | None, dict | None]:
+        r = next((q for q in rows if q["system"] == system and q["topology"] == topology and q["shape"] == shape
+                  and q["compiled"] and not q.get("variant") and _ok(q)), None)
+        base = singles.get(r["baseline_key"]) if r else None
+        return (r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None), r
+
+    print("\nTargets (compiled, 2 GPUs):")
+    for shape in sorted({r["shape"] for r in rows if r["system"] == "dist_lm"}):
+        e, _ = eff("dist_lm", "ddp", shape)
+        print(f"  DDP >= 95% at {shape}: " + ("not measured" if e is None else
+                                                f"{100 * e:.1f}% -> {'met' if e >= 0.95 else 'NOT met'}"))
+    e, fsdp = eff("dist_lm", "fsdp", "124m")
+    _, ddp = eff("dist_lm", "ddp", "124m")
+    if e is None or ddp is None:
+        print("  FSDP2 >= 90% at 124m with less memory per GPU than DDP: not measured")
+    else:
+        less = fsdp["peak_mem_GiB"] < ddp["peak_mem_GiB"]
+        print(f"  FSDP2 >= 90% at 124m: {100 * e:.1f}% -> {'met' if e >= 0.90 else 'NOT met'}; memory "
+              f"{fsdp['peak_mem_GiB']:.2f} vs DDP {ddp['peak_mem_GiB']:.2f} GiB/GPU -> {'met' if less else 'NOT met'}")
+
+
+def print_parity(part: dict) -> None:
+    print("\nLoss parity (real trainer, same global batch; |1 GPU - 2 GPUs| per optimizer step):")
+    print("| pair | steps | max abs diff (step) | mean abs diff | first loss | final 1 GPU | final 2 GPUs | "
+          "trainer tok/s 1 GPU -> 2 GPUs (total, last interval) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in part.get("comparisons", []):
+        if "error" in c:
+            print(f"| {c['pair']} | {c['error']} | | | | | | |")
+            continue
+        print(f"| {c['pair']} | {c['steps']} | {c['max_abs_diff']:.4g} ({c['max_at_step']}) | "
+              f"{c['mean_abs_diff']:.4g} | {c['first_1gpu']:.3f} | {c['final_1gpu']:.4f} | {c['final_2gpu']:.4f} | "
+              f"{_fmt_k(c['tokens_per_s_1gpu'])} -> {_fmt_k(c['tokens_per_s_2gpu'])} |")
+    for r in part["rows"]:
+        if "error" in r:
+            print(f"  not run: {r['label']}: {r['error']}")
+
+
+def load_parts(results: Path) -> dict[str, dict]:
+    parts = {}
+    for path in sorted(results.glob("bench_scaling_*.json")):
+        parts[path.stem.removeprefix("bench_scaling_")] = json.loads(path.read_text())
+    return parts
+
+
+def save_part(name: str, data: dict, results: Path) -> None:
+    text = json.dumps(data, indent=1)
+    (results / f"bench_scaling_{name}.json").write_text(text)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"bench_scaling_{name}.json").write_text(text)
+        for r in data["rows"]:  # failed runs' logs come back with the results; the rest stay on the machine
+            if "error" in r and r.get("log") and Path(r["log"]).exists():
+                (Path(out) / "logs").mkdir(exist_ok=True)
+                shutil.copy(r["log"], Path(out) / "logs" / Path(r["log"]).name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _csv(choices: tuple[str, ...] | list[str]):
+    def parse(text: str) -> list[str]:
+        items = [s for s in text.split(",") if s]
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--part", choices=PARTS, required=True, help="what to run; 'table' only prints saved results")
+    p.add_argument("--shapes", type=_csv(tuple(SHAPES)), default=["124m", "tinystories"], help="comma list")
+    p.add_argument("--topologies", type=_csv(TOPOLOGIES), default=list(TOPOLOGIES),
+                   help="comma list of single (1 GPU), ddp, fsdp (2 GPUs)")
+    p.add_argument("--eager-shapes", type=_csv(tuple(SHAPES)), default=["124m"], help="shapes also run eager")
+    p.add_argument("--hf-fsdp-shapes", type=_csv(tuple(SHAPES)), default=["124m"],
+                   help="shapes of the HF FSDP2-plugin anchor")
+    p.add_argument("--quick", action="store_true", help="compiled configurations only, 10 timed steps, parity 50")
+    p.add_argument("--steps", type=int, default=25, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
+    p.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
+                   help="dist_lm compile granularity for 1 GPU and DDP (FSDP2 always compiles blocks)")
+    p.add_argument("--hf-fsdp-compile", choices=("before-prepare", "regional"), default="before-prepare",
+                   help="HF FSDP2 anchor: torch.compile before prepare, or Accelerate's regional compilation")
+    p.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP knob (Accelerate's default: 25)")
+    p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP knob")
+    p.add_argument("--static-graph", action="store_true", help="DDP knob")
+    p.add_argument("--no-broadcast-buffers", action="store_true", help="DDP knob: broadcast_buffers=False")
+    p.add_argument("--h2d", action="store_true", help="dist_lm copies a host batch per micro-step (trainer path)")
+    p.add_argument("--no-clip", action="store_true", help="no gradient clipping in either system")
+    p.add_argument("--parity-steps", type=int, default=200)
+    p.add_argument("--parity-batch", type=int, default=16, help="sequences per GPU per micro-step (B)")
+    p.add_argument("--parity-shape", choices=("demo", *SHAPES), default="demo", help="model of the parity runs")
+    p.add_argument("--parity-eager", action="store_true", help="parity runs without torch.compile")
+    p.add_argument("--tag", default="", help="suffix of the results file, for variants (e.g. ddp_knobs)")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "runs" / "bench_scaling",
+                   help="where parts, logs and parity run dirs go (a temp dir with --dry-run)")
+    p.add_argument("--budget-s", type=float, default=450, help="stop starting runs past this many seconds")
+    p.add_argument("--run-estimate-s", type=float, default=45, help="expected time of a run before one finished")
+    p.add_argument("--run-timeout", type=float, default=240, help="kill a run after this many seconds")
+    p.add_argument("--dry-run", action="store_true", help="CPU check: gloo, tiny shape, 1+1 steps, no compile")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 10, 3
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be >= 1 (the first step compiles)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = args.results_dir
+    if args.dry_run and "--results-dir" not in (argv if argv is not None else sys.argv):
+        results = Path(tempfile.mkdtemp(prefix="bench_scaling_dry_"))
+    results = results.resolve()
+    if args.part == "table":
+        parts = load_parts(results)
+        if not parts:
+            raise SystemExit(f"no bench_scaling_*.json in {results}; run a part first")
+        print_table(parts)
+        return
+    results.mkdir(parents=True, exist_ok=True)
+    gpu_count, gpu = _gpus()
+    if not args.dry_run and gpu_count < 2:
+        raise SystemExit(f"bench_scaling needs 2 CUDA GPUs (found {gpu_count}); --dry-run checks it on the CPU")
+    # Every YAML this part can use is checked through Accelerate's loader before anything runs.
+    with tempfile.TemporaryDirectory() as tmp:
+        for topology in TOPOLOGIES:
+            for hf in (False, True):
+                n = 1 if topology == "single" else 2
+                write_config(accelerate_config(topology, num_processes=n, port=BASE_PORT, hf=hf),
+                             Path(tmp) / f"{topology}_{hf}.yaml")
+        write_config(accelerate_config("ddp", num_processes=2, port=BASE_PORT, cpu=True), Path(tmp) / "cpu.yaml")
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": versions(), "gpu": gpu, "gpu_count": gpu_count, "host": platform.node(),
+            "args": {k: str(v) for k, v in vars(args).items()}}
+    name = args.part + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
+    t0 = time.perf_counter()
+    if args.part == "parity":
+        runs = plan_parity(args, results)
+        for run in runs:  # a fresh run each time: the trainer refuses to start over existing checkpoints
+            shutil.rmtree(run.info["run_dir"], ignore_errors=True)
+        rows = execute(runs, args, results)
+        data = {"meta": meta, "rows": rows, "comparisons": compare_losses(rows)}
+    else:
+        rows = execute(plan_benchmark(args.part, args), args, results)
+        data = {"meta": meta, "rows": rows}
+    meta["wall_s"] = time.perf_counter() - t0
+    save_part(name, data, results)
+    print(f"\n{args.part}: {len(data['rows'])} run(s) in {meta['wall_s']:.0f} s; results in {results}\n")
+    parts = load_parts(results)
+    if args.dry_run:  # a dry run's table shows only itself, never mixed with real measurements
+        parts = {name: data}
+    print_table(parts)
+    if any("error" in r for r in data["rows"]):
+        sys.exit(1)
+
+
+def _gpus() -> tuple[int, str]:
+    """(number of CUDA devices, name of the first): read in the driver, which itself never initialises NCCL."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, "cpu"
+    return torch.cuda.device_count(), torch.cuda.get_device_name(0)
+
+
+if __name__ == "__main__":
+    main()

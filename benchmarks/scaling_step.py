@@ -1,0 +1,290 @@
+"""One configuration of benchmarks/bench_scaling.py: the per-process worker, started by `accelerate launch`.
+
+usage: python -m accelerate.commands.launch --config_file X.yaml --num_processes N benchmarks/scaling_step.py
+       --system {dist_lm,hf} --shape SHAPE [--no-compile] [--compile-mode model|blocks] [DDP knobs] [--dry-run]
+
+Rank 0 prints one line `SCALING_ROW {json}` at the end: tokens/s per GPU (slowest rank), peak memory (max over
+ranks), warm-up time. The topology (1 process, DDP, FSDP2) comes only from the accelerate config it was launched
+with, exactly as for the trainer.
+
+Design decisions:
+- dist_lm is built as dist_lm.train.trainer.train() builds it: Accelerator(bf16), TransformerLM, the trainer's own
+  `_fsdp_options` (imported, not re-derived), apply_parallelism, our AdamW(fused=None) on the (possibly sharded)
+  parameters, then `prepare(model, optimizer)` for DDP / one GPU, or the optimizer wrapped in
+  AcceleratedOptimizer under FSDP2.
+- The timed step is a copy of the trainer's inner loop (lr set on the groups, accumulate, backward, unscale, our
+  clip_grad_norm, step, zero_grad): train() has no step function to import. Keep the two in step by hand.
+- The HF anchor is what an Accelerate user writes: LlamaForCausalLM (bench_train._hf_model, same shapes),
+  torch.optim.AdamW(fused=True), accelerator.clip_grad_norm_. It is compiled before `prepare` (the issue's
+  "compiled before prepare"): for DDP, the faster of Accelerate's two ways; for FSDP2 the plugin then shards the
+  compiled module (or, with `--hf-compile accelerate`, the launcher config's dynamo settings compile it instead).
+- Tokens: one random batch per rank, fixed for the run, drawn from seed + rank (the data differ across ranks, as
+  in training; the work does not depend on the values). They live on the GPU; `--h2d` instead copies a host
+  batch each micro-step through the trainer's pinned-memory path.
+- Timing: barrier, torch.cuda.synchronize + perf_counter around `--steps` optimizer steps after `--warmup`
+  untimed ones (compilation happens there). Every rank times itself; the row reports the slowest rank, since
+  data-parallel ranks wait for each other.
+- `--dry-run`: a tiny shape, one warm-up and one timed step, on whatever device there is (the CPU over gloo here),
+  to check construction and the step without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+# NVLink multicast stays off in NCCL, PyTorch and NVSHMEM on the shared device hosts (KINDS.md): set before torch
+# or NCCL load. Forced rather than setdefault: an inherited "1" must not switch it back on.
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ[_key] = _value
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model  # noqa: E402
+
+from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
+from dist_lm.model import TransformerLM  # noqa: E402
+from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
+from dist_lm.train.metrics import flops_per_token  # noqa: E402
+from dist_lm.train.parallel import apply_parallelism  # noqa: E402
+from dist_lm.train.trainer import _fsdp_options, _to_device  # noqa: E402
+
+ROW_PREFIX = "SCALING_ROW "
+DRY_RUN_SHAPE = (dict(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=256, seq_len=32), 2)
+GRAD_CLIP = 1.0  # the trainer's default optim.grad_clip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--system", choices=("dist_lm", "hf"), required=True)
+    p.add_argument("--shape", default="tinystories", help=f"one of {list(SHAPES)} (ignored with --dry-run)")
+    p.add_argument("--batch", type=int, default=0, help="sequences per GPU per micro-step (0: the shape's)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--no-compile", action="store_true", help="eager (default: compiled)")
+    p.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
+                   help="dist_lm compile granularity without FSDP (FSDP2 always compiles blocks)")
+    p.add_argument("--hf-compile", choices=("before-prepare", "accelerate"), default="before-prepare",
+                   help="HF: torch.compile the model before prepare, or leave it to the launcher config's dynamo "
+                        "settings (for the FSDP2 plugin's regional compilation)")
+    p.add_argument("--no-clip", action="store_true", help="skip gradient clipping (both systems)")
+    p.add_argument("--h2d", action="store_true", help="dist_lm: copy a host batch each micro-step (trainer path)")
+    p.add_argument("--steps", type=int, default=25, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first (compilation)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
+    # DDP knobs (accelerate.utils.DistributedDataParallelKwargs); unset = Accelerate's defaults.
+    p.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP gradient bucket size (Accelerate: 25)")
+    p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP grads alias the buckets")
+    p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
+    p.add_argument("--no-broadcast-buffers", action="store_true",
+                   help="DDP broadcast_buffers=False (dist_lm's only buffers are the fixed RoPE tables)")
+    p.add_argument("--tag", default="", help="free text copied into the row (the driver's run label)")
+    p.add_argument("--dry-run", action="store_true", help="tiny shape, 1 warm-up + 1 timed step, any device")
+    args = p.parse_args(argv)
+    if not args.dry_run and args.shape not in SHAPES:
+        p.error(f"--shape {args.shape!r} is unknown; choose from {list(SHAPES)}")
+    if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1 or args.batch < 0:
+        p.error("--steps and --grad-accum must be >= 1, --warmup and --batch >= 0")
+    if args.dry_run:
+        args.steps, args.warmup = 1, 1
+    return args
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+
+    ddp = {}
+    if args.bucket_cap_mb is not None:
+        ddp["bucket_cap_mb"] = args.bucket_cap_mb
+    if args.gradient_as_bucket_view:
+        ddp["gradient_as_bucket_view"] = True
+    if args.static_graph:
+        ddp["static_graph"] = True
+    if args.no_broadcast_buffers:
+        ddp["broadcast_buffers"] = False
+    return Accelerator(
+        # As the trainer: without CUDA, force the CPU so Accelerate joins the torchrun processes over gloo.
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum,
+                                                                sync_with_dataloader=False),
+        mixed_precision=args.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(**ddp)] if ddp else None,
+    )
+
+
+def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor):
+    """(step function, raw model, how it was compiled, extra row fields) built the way trainer.train() builds it."""
+    run_cfg = RunConfig(model=cfg)
+    run_cfg.train.compile = not args.no_compile
+    run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
+    raw = TransformerLM(cfg)
+    fsdp = _fsdp_options(accelerator)
+    model = apply_parallelism(raw, run_cfg, compile_mode=args.compile_mode, fsdp=fsdp)
+    # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in train()).
+    optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
+    note = ""
+    if fsdp is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+    how = "eager" if args.no_compile else ("blocks" if fsdp is not None else args.compile_mode)
+    device = accelerator.device
+    host_x, host_y = x.cpu(), y.cpu()
+    lr = HYPER["lr"]
+
+    # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
+    def step() -> torch.Tensor:
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # the trainer sets the scheduled lr each step; a constant here
+        model.train()
+        step_loss = torch.zeros((), device=device)
+        for _ in range(args.grad_accum):
+            xb, yb = (_to_device(host_x, device), _to_device(host_y, device)) if args.h2d else (x, y)
+            with accelerator.accumulate(model):
+                loss = model(xb, yb)
+                accelerator.backward(loss)
+                step_loss += loss.detach()
+                if accelerator.sync_gradients:
+                    accelerator.unscale_gradients()
+                    if not args.no_clip:
+                        clip_grad_norm(model.parameters(), GRAD_CLIP)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        return step_loss / args.grad_accum
+
+    return step, raw, how, {"note": note, "ddp_seen": _ddp_settings(model)}
+
+
+def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
+    """(step function, module, how it was compiled, extra row fields): LlamaForCausalLM through Accelerate."""
+    from accelerate.utils import DistributedType
+
+    model = _hf_model(cfg).train()
+    compiled_by_us = not args.no_compile and args.hf_compile == "before-prepare"
+    if compiled_by_us:
+        model = torch.compile(model)
+    # Parameters still on the CPU: Accelerate moves them (DDP) or swaps in the shards (FSDP2) during prepare.
+    optimizer = torch.optim.AdamW(model.parameters(), **HYPER, weight_decay=WEIGHT_DECAY,
+                                  fused=torch.cuda.is_available())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    how = "eager" if args.no_compile else ("before prepare" if compiled_by_us else "accelerate dynamo config")
+
+    def step() -> torch.Tensor:
+        model.train()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(args.grad_accum):
+            with accelerator.accumulate(model):
+                loss = model(input_ids=x, labels=x).loss  # HF shifts the labels inside
+                accelerator.backward(loss)
+                step_loss += loss.detach()
+                if accelerator.sync_gradients:
+                    if not args.no_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        return step_loss / args.grad_accum
+
+    return step, model, how + (" (FSDP2 plugin)" if fsdp else ""), {"note": "", "ddp_seen": _ddp_settings(model)}
+
+
+def _ddp_settings(model: torch.nn.Module) -> dict | None:
+    """What the DDP wrapper actually got (to confirm the knobs reached it); None when not DDP."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    return {"bucket_cap_mb": model.bucket_bytes_cap / 2**20, "gradient_as_bucket_view": model.gradient_as_bucket_view,
+            "static_graph": model.static_graph, "broadcast_buffers": model.broadcast_buffers}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(warm-up seconds, seconds per timed step, last loss) on this rank."""
+    device = accelerator.device
+    accelerator.wait_for_everyone()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    accelerator.wait_for_everyone()  # start the timed window together: a late rank would stall the others
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    return warmup_s, step_s, float(loss)  # the one host read, after the clock stopped
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate.utils import gather_object, set_seed
+
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    device = accelerator.device
+    kwargs, batch = DRY_RUN_SHAPE if args.dry_run else SHAPES[args.shape]
+    batch = args.batch or batch
+    cfg = ModelConfig(**kwargs, attention_backend="auto", fused_loss=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # Tokens differ per rank (seed + rank); the model init is the same everywhere (set_seed(seed) after).
+    gen = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=gen).to(device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    set_seed(args.seed)
+    if args.system == "dist_lm":
+        step, model, how, extra = build_dist_lm(args, accelerator, cfg, x, y)
+    else:
+        step, model, how, extra = build_hf(args, accelerator, cfg, x)
+    warmup_s, step_s, loss = timed(step, accelerator, args.warmup, args.steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    mine = {"rank": accelerator.process_index, "step_s": step_s, "warmup_s": warmup_s, "peak_mem_GiB": peak,
+            "loss": loss}
+    ranks = gather_object([mine])
+    if accelerator.is_main_process:
+        slowest = max(r["step_s"] for r in ranks)
+        tokens_per_gpu = batch * args.grad_accum * cfg.seq_len
+        tps = tokens_per_gpu / slowest
+        losses = [r["loss"] for r in ranks]
+        row = {
+            "system": args.system, "shape": "dry-run" if args.dry_run else args.shape,
+            "num_gpus": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+            "compiled": not args.no_compile, "compile": how, "batch_per_gpu": batch, "grad_accum": args.grad_accum,
+            "seq_len": cfg.seq_len, "steps": args.steps, "warmup": args.warmup,
+            "step_ms": 1e3 * slowest, "tokens_per_s_per_gpu": tps,
+            "mfu": tps * flops_per_token(cfg) / PEAK_FLOPS if device.type == "cuda" else None,
+            "peak_mem_GiB": None if peak is None else max(r["peak_mem_GiB"] for r in ranks),
+            "warmup_s": max(r["warmup_s"] for r in ranks), "loss": losses[0],
+            "per_rank": ranks, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,  # DTensor.numel() is the global size
+            "ddp_kwargs": {"bucket_cap_mb": args.bucket_cap_mb, "gradient_as_bucket_view": args.gradient_as_bucket_view,
+                           "static_graph": args.static_graph, "broadcast_buffers": not args.no_broadcast_buffers},
+            "clip": not args.no_clip, "h2d": args.h2d, "tag": args.tag, **extra,
+        }
+        if not all(math.isfinite(v) for v in losses):
+            row["error"] = f"non-finite loss {losses}"
+        print(ROW_PREFIX + json.dumps(row), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
