@@ -8,8 +8,10 @@ Design decisions:
 - Where a source has no validation split, the last `val_fraction` of the documents is held out
   (local files, whose document count is cheap to know), or every k-th document of a streamed hub
   split (k = round(1 / val_fraction)), which needs no count.
-- A source name that exists on disk is a local file; `bundled:tinystories` is the package's
-  sample; anything else that looks like `owner/name` is a `datasets` hub name.
+- A source name that exists on disk is a local file, or, for a directory, a dataset in any layout
+  `datasets` reads (e.g. a downloaded hub repository); `bundled:tinystories` is the package's sample;
+  anything else that looks like `owner/name` is a `datasets` hub name. Directories and hub names go
+  through the same streaming code, so the hub path is tested offline on a local directory.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def iter_documents(source: str, split: str, *, text_field: str = "text",
     if source.startswith("bundled:"):
         return _split_local(bundled_path(source), split, text_field, val_fraction)
     path = Path(source).expanduser()
+    if path.is_dir():
+        return _iter_hub(str(path), split, text_field, val_fraction)
     if path.exists():
         if path.suffix not in LOCAL_SUFFIXES:
             raise ValueError(f"data source {path} has suffix {path.suffix!r}; accepted: {', '.join(LOCAL_SUFFIXES)}")
@@ -128,11 +132,17 @@ def _iter_hub(name: str, split: str, text_field: str, val_fraction: float) -> It
     if hub_val is not None:
         stream = datasets.load_dataset(name, split="train" if split == "train" else hub_val, streaming=True)
         for row in stream:
-            yield row[text_field]
+            yield _field(row, text_field, name)
         return
     every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
     stream = datasets.load_dataset(name, split="train", streaming=True)
     for i, row in enumerate(stream):
         is_val = every > 0 and i % every == every - 1
         if is_val == (split == "val"):
-            yield row[text_field]
+            yield _field(row, text_field, name)
+
+
+def _field(row: dict, text_field: str, name: str) -> str:
+    if text_field not in row:
+        raise ValueError(f"dataset {name} has no column {text_field!r}; set data.text_field to one of {sorted(row)}")
+    return row[text_field]

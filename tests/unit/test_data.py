@@ -1,6 +1,9 @@
 """Sources, shards and the batch loader: contents, determinism, rank disjointness, resumption."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,34 @@ def test_jsonl_source_and_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(ValueError, match="accepted: .txt, .jsonl, .parquet"):
         iter_documents(str(tmp_path / "x.csv"), "train")
+
+
+def test_dataset_directory_goes_through_the_hub_code(tmp_path):
+    """A local dataset directory takes the same `datasets` streaming path as a hub name (offline here)."""
+    with_val, train_only = tmp_path / "with_val", tmp_path / "train_only"
+    for directory, splits in ((with_val, {"train": 10, "validation": 3}), (train_only, {"train": 40})):
+        directory.mkdir()
+        for split, n in splits.items():
+            rows = [json.dumps({"text": f"{split} {i}", "n": i}) for i in range(n)]
+            (directory / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    assert list(iter_documents(str(with_val), "val")) == ["validation 0", "validation 1", "validation 2"]
+    assert len(list(iter_documents(str(with_val), "train"))) == 10
+    # No validation split: every 20th document (val_fraction 0.05) is held out, the rest trains.
+    val = list(iter_documents(str(train_only), "val", val_fraction=0.05))
+    train = list(iter_documents(str(train_only), "train", val_fraction=0.05))
+    assert val == ["train 19", "train 39"] and len(train) == 38 and not set(val) & set(train)
+    with pytest.raises(ValueError, match="no column 'body'"):
+        next(iter(iter_documents(str(with_val), "train", text_field="body")))
+
+
+def test_unreachable_hub_dataset_is_one_clear_error():
+    code = ("from dist_lm.data import iter_documents\n"
+            "try:\n    next(iter(iter_documents('roneneldan/TinyStories', 'train')))\n"
+            "except ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fail fast instead of retrying the network
+    assert "could not reach dataset 'roneneldan/TinyStories' on the hub" in out.stdout
+    assert "pass a local .txt/.jsonl/.parquet file" in out.stdout
 
 
 @pytest.fixture(scope="module")
