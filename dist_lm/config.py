@@ -78,7 +78,8 @@ class DataConfig:
     text_field: str = "text"
     """Column that holds the text in jsonl/parquet/hub sources."""
     val_fraction: float = 0.05
-    """Fraction of documents held out for validation when the source has no validation split (taken from the end)."""
+    """Fraction of documents held out for validation when the source has no validation split (taken from the end);
+    in (0, 1)."""
 
 
 @dataclass
@@ -381,6 +382,11 @@ def validate(cfg: RunConfig) -> None:
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    for key, value in [("optim.lr", o.lr), ("optim.min_lr", o.min_lr), ("optim.eps", o.eps),
+                       ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                       ("model.rope_theta", m.rope_theta), ("model.init_std", m.init_std)]:
+        need(math.isfinite(value), key, value, "must be a finite number")
+    need(0 <= t.seed < 2**32, "train.seed", t.seed, "an integer in [0, 2**32)")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
@@ -390,7 +396,8 @@ def validate(cfg: RunConfig) -> None:
     need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
-    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
+    need(0 < cfg.data.val_fraction < 1, "data.val_fraction", cfg.data.val_fraction,
+         "must be in (0, 1): training evaluates on the held-out documents")
     need(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 saves only at the end)")
     need(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "must be >= 0 (0 keeps all)")
     need(t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from dist_lm.config import config_from_dict
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.tokenizer.formats import hf_tokenizer_json
-from dist_lm.train.checkpoint import load_model_state, load_state
+from dist_lm.train.checkpoint import INFERENCE_KEYS, load_model_state, load_state
 
 
 def hf_name(name: str) -> str:
@@ -66,7 +66,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer_dir: 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) or another directory")
-    state = load_state(checkpoint)
+    state = load_state(checkpoint, INFERENCE_KEYS)
     cfg = config_from_dict(state["config"])
     tokenizer = load_tokenizer(tokenizer_dir or cfg.data.tokenizer_dir)
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):

@@ -10,7 +10,13 @@ from dist_lm.cli import run_main
 from dist_lm.config import config_from_dict
 from dist_lm.model import TransformerLM
 from dist_lm.tokenizer import load_tokenizer
-from dist_lm.train.checkpoint import list_checkpoints, load_model_state, load_model_weights, load_state
+from dist_lm.train.checkpoint import (
+    INFERENCE_KEYS,
+    list_checkpoints,
+    load_model_state,
+    load_model_weights,
+    load_state,
+)
 from dist_lm.train.trainer import sample_text
 
 
@@ -30,7 +36,7 @@ def main() -> None:
     found = list_checkpoints(path)
     if found:  # a run directory: take its latest checkpoint
         path = found[-1]
-    state = load_state(path)
+    state = load_state(path, INFERENCE_KEYS)
     cfg = config_from_dict(state["config"])
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer_dir)
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):

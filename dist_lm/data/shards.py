@@ -59,7 +59,8 @@ def prepare_shards(
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds prepared shards; pass --overwrite to rebuild them "
                               "or choose another output directory")
-    if out_dir.exists() and not (out_dir / MANIFEST).exists() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.exists() and not (out_dir / MANIFEST).exists() and any(out_dir.iterdir()):
+        # even with overwrite: replacing it would delete whatever the directory holds
         raise FileExistsError(f"{out_dir} exists and is not a shard directory; choose an empty or new directory")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens={shard_tokens} must be positive")

@@ -5,8 +5,8 @@ Design decisions:
   gradients would lose the small contributions otherwise), then scaled in place by
   min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does.
 - No host sync: the scale is multiplied in unconditionally (1.0 below the threshold) rather than
-  branched on, and the norm comes back as a tensor; a non-finite norm propagates into the grads so the
-  trainer can see it and skip the step.
+  branched on, and the norm comes back as a tensor; a non-finite norm propagates into the grads, and the
+  trainer stops at the next log or checkpoint step (before saving) when it reads it.
 - max_norm == 0 only measures (config: `optim.grad_clip: 0` disables clipping, the norm is still logged).
 - DTensor gradients (FSDP2): the foreach norms of shards are partial sums and DTensor's reductions turn
   them into the global norm, the same mechanism torch's clip_grad_norm_ relies on; the returned norm is

@@ -39,6 +39,9 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 _OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+# state.json keys each reader needs: generation and export read the config, a resume reads the rest too
+INFERENCE_KEYS = ("step", "config", "tokenizer_fingerprint")
+RESUME_KEYS = (*INFERENCE_KEYS, "optimizer", "data", "rng")
 
 
 def checkpoint_name(step: int) -> str:
@@ -70,6 +73,10 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
                                     "start fresh with train.resume='' or point train.resume at a step_* directory")
         return existing[-1]
     path = Path(resume)
+    later = [p for p in existing if p.name > path.name]
+    if path.resolve().parent == (Path(run_dir) / CHECKPOINTS).resolve() and later:
+        raise ValueError(f"{run_dir} holds checkpoints after {path.name} (up to {later[-1].name}); resuming from "
+                         f"{path.name} here would mix two runs: delete the later ones, or resume into a new run_dir")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass train.resume=latest or an "
                                 "existing run_dir/checkpoints/step_* directory")
@@ -86,8 +93,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
+    for stale in root.glob(".tmp-step_*"):  # left by a crash mid-save; never a complete checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     save_file(cpu, tmp / MODEL_FILE, metadata={"format": "pt"})
@@ -105,6 +113,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     if keep_last > 0:
         for stale in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(stale)
@@ -129,8 +142,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                          "earlier checkpoint") from None
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """state.json of a checkpoint directory, checked."""
+def load_state(path: str | Path, required: tuple[str, ...] = ("step",)) -> dict[str, Any]:
+    """state.json of a checkpoint directory, checked for its format version and the `required` keys."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint: it has no {STATE_FILE}; pass a step_* directory")
@@ -142,6 +155,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {state.get('format_version')!r}; this dist_lm reads "
                          f"{FORMAT_VERSION}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{file} is incomplete (no {missing[0]!r}); delete {path} and resume from an earlier "
+                         "checkpoint")
     return state
 
 
@@ -150,9 +167,9 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     return _load_tensors(Path(path) / MODEL_FILE)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("step",)) -> Checkpoint:
     path = Path(path)
-    state = load_state(path)
+    state = load_state(path, required)
     return Checkpoint(path, _load_tensors(path / MODEL_FILE), _load_tensors(path / OPTIMIZER_FILE), state)
 
 

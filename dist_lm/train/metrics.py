@@ -1,4 +1,4 @@
-"""Throughput accounting: tokens/s, model FLOPs utilisation (MFU) and ETA.
+"""Throughput accounting: tokens/s and model FLOPs utilisation (MFU); the progress bar shows the ETA.
 
 FLOPs per token (training, forward + backward = 3x forward):
     6 * N_matmul  +  6 * num_layers * seq_len * d_model
@@ -17,12 +17,18 @@ import torch
 
 from dist_lm.config import ModelConfig
 
-# Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' datasheets.
+# Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' datasheets; matched against
+# torch.cuda.get_device_name by the longest key it contains ("H100 PCIe" before "H100").
 PEAK_BF16_FLOPS = {
-    "H100": 989e12,
+    "H100": 989e12,  # SXM
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H200": 989e12,
+    "GH200": 989e12,
     "A100": 312e12,
     "A10G": 125e12,
+    "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
 }
@@ -42,7 +48,8 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    matches = [k for k in PEAK_BF16_FLOPS if k in name]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 class Throughput:

@@ -53,12 +53,17 @@ class MlflowTracker(NullTracker):
         self.uri = uri
         self._client = MlflowClient(tracking_uri=uri)
         self._monitor = None
+        self._logged_up_to = 0
         if run_id is None:
             exp = self._client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
             run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
         else:
             self._client.update_run(run_id, status="RUNNING")
+            # A run that died after its last checkpoint already logged the steps about to be redone (with the
+            # same values: resuming is exact); log them once.
+            history = self._client.get_metric_history(run_id, "train/loss")
+            self._logged_up_to = max((m.step for m in history), default=0)
         self.run_id = run_id
         if system_metrics:
             self._start_system_metrics()
@@ -92,6 +97,8 @@ class MlflowTracker(NullTracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self._logged_up_to:
+            return
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._guard("log_batch", self.run_id, items)
@@ -101,7 +108,11 @@ class MlflowTracker(NullTracker):
 
     def close(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
-            self._monitor.finish()
+            try:
+                self._monitor.finish()
+            except Exception as exc:  # the system-metrics thread failing must not fail a finished run
+                warnings.warn(f"MLflow system metrics did not stop cleanly ({type(exc).__name__}: {exc})",
+                              RuntimeWarning, stacklevel=2)
         self._guard("set_terminated", self.run_id, status)
 
 

@@ -35,6 +35,7 @@ from dist_lm.model import TransformerLM, generate
 from dist_lm.optim import AdamW, clip_grad_norm, cosine_with_warmup, param_groups
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.train.checkpoint import (
+    RESUME_KEYS,
     full_tensor,
     load_checkpoint,
     load_model_weights,
@@ -96,10 +97,13 @@ def train(cfg: RunConfig) -> TrainResult:
     model = TransformerLM(cfg.model)
     start_step, run_id, ckpt = 0, None, None
     if resume_from is not None:  # full weights into the unsharded model, before any wrapping
-        ckpt = load_checkpoint(resume_from)
-        _check_resumable(cfg, ckpt.state, resume_from, tokenizer.fingerprint())
+        ckpt = load_checkpoint(resume_from, RESUME_KEYS)
+        _check_resumable(cfg, ckpt.state, resume_from, tokenizer.fingerprint(), len(train_tokens))
         load_model_weights(model, ckpt.model_state, resume_from)
         start_step = ckpt.state["step"]
+        if start_step >= t.max_steps:
+            raise ValueError(f"checkpoint {resume_from} is at step {start_step}, not before train.max_steps="
+                             f"{t.max_steps}: nothing to train; raise train.max_steps to continue the run")
         run_id = ckpt.state.get("mlflow_run_id")
         batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
 
@@ -118,8 +122,11 @@ def train(cfg: RunConfig) -> TrainResult:
         # wrapper is what makes optimizer.step() a no-op on accumulation micro-steps.
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if ckpt is not None:
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer_from_tensors(optimizer.optimizer, param_names, ckpt.optimizer_tensors, ckpt.state["optimizer"],
                                resume_from)
+        for group, values in zip(optimizer.param_groups, configured):
+            group.update(values)  # the config's betas/eps/weight decay apply from here on, as config.yaml says
         set_rng_state(ckpt.state["rng"][min(accelerator.process_index, len(ckpt.state["rng"]) - 1)])
         del ckpt
 
@@ -177,20 +184,27 @@ def train(cfg: RunConfig) -> TrainResult:
                     torch.cuda.synchronize()  # once, so the figure includes the compiled kernels' first run
                 first_step_s = time.perf_counter() - run_start
                 tracker.log_metrics({"perf/compile_and_first_step_s": first_step_s}, step=done)
+                if is_main:
+                    log_jsonl(run_dir / METRICS_FILE, [{"step": done, "perf/compile_and_first_step_s": first_step_s}])
                 say(f"torch.compile + first step: {first_step_s:.1f} s")
                 meter.reset(done)
 
-            if done % t.log_interval == 0 or done == t.max_steps:
+            interval = cfg.checkpoint.interval
+            checkpoint_due = (interval and done % interval == 0) or done == t.max_steps
+            # A checkpoint step always reads the losses first: a non-finite loss stops the run before it can be
+            # saved (and before retention deletes the last good checkpoint).
+            if done % t.log_interval == 0 or checkpoint_due:
                 losses = accelerator.reduce(torch.stack(pending_loss), reduction="mean").tolist()
                 first = done - len(pending_loss) + 1
                 pending_loss.clear()
-                if not all(math.isfinite(v) for v in losses):
-                    raise FloatingPointError(f"training loss became {losses[-1]} at step {done}; lower optim.lr, "
-                                             "raise optim.warmup_steps, or use train.mixed_precision=bf16 over fp16")
+                norm = float(full_tensor(grad_norm))
+                if not all(math.isfinite(v) for v in losses) or not math.isfinite(norm):
+                    raise FloatingPointError(f"training loss became {losses[-1]} (gradient norm {norm}) at step "
+                                             f"{done}; lower optim.lr, raise optim.warmup_steps, or use "
+                                             "train.mixed_precision=bf16 over fp16")
                 result.losses.update({first + i: v for i, v in enumerate(losses)})
                 speed = meter.measure(done)
                 result.tokens_per_s = speed["tokens_per_s"]
-                norm = float(full_tensor(grad_norm))
                 for i, v in enumerate(losses):
                     tracker.log_metrics({"train/loss": v}, step=first + i)
                 metrics = {"train/lr": lr, "train/grad_norm": norm, "epoch": batches.epoch_of(done),
@@ -213,8 +227,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 say(f"step {done:>6}/{t.max_steps} | val loss {val:.4f}")
                 meter.reset(done)  # keep eval time out of tokens/s
 
-            interval = cfg.checkpoint.interval
-            if (interval and done % interval == 0) or done == t.max_steps:
+            if checkpoint_due:
                 result.last_checkpoint = _save(cfg, accelerator, raw_model, optimizer.optimizer, param_names,
                                                batches, done, lr, tokenizer.fingerprint(), tracker.run_id, world,
                                                sharded=fsdp is not None)
@@ -226,9 +239,15 @@ def train(cfg: RunConfig) -> TrainResult:
         bar.close()
         tracker.close(status)
 
-    # Under FSDP2 every rank must run the forward (it all-gathers); same seed, same tokens on every rank.
-    if t.sample_tokens > 0 and (is_main or fsdp is not None):
-        result.sample = sample_text(raw_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+    if t.sample_tokens > 0:
+        sampler = raw_model
+        if fsdp is not None:  # a sharded forward needs every rank in lockstep: sample from a gathered copy instead
+            full = model_state_full(raw_model)  # collective
+            sampler = TransformerLM(cfg.model).to(accelerator.device) if is_main else None
+            if is_main:
+                sampler.load_state_dict(full)
+    if t.sample_tokens > 0 and is_main:
+        result.sample = sample_text(sampler, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         say(f"\n--- sample ({t.sample_tokens} tokens, temperature 0.8, top-p 0.95) ---\n{result.sample}\n---")
     if is_main and tracker.run_id:
         say(f"MLflow run {tracker.run_id} in {uri}\nview it with: mlflow ui --backend-store-uri {uri}")
@@ -252,9 +271,16 @@ def log_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after `step`: a run that died after its last checkpoint redoes those steps."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in rows))
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the crash being recovered from
+            warnings.warn(f"dropping an unreadable line of {path}: {line[:80]!r}", RuntimeWarning, stacklevel=2)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 @torch.no_grad()
@@ -301,16 +327,28 @@ def _open_data(cfg: RunConfig, accelerator: Accelerator):
     return tokenizer, ShardedTokens.open(data_dir, "train", manifest), ShardedTokens.open(data_dir, "val", manifest)
 
 
-def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str) -> None:
-    saved_model = state["config"]["model"]
-    ours = config_to_dict(cfg)["model"]
-    diff = [k for k in ours if k != "attention_backend" and ours[k] != saved_model.get(k)]
+# Model fields that change the weights or the function; backends and kernels may change across a resume.
+_SHAPE_FIELDS = ("vocab_size", "seq_len", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "norm_eps")
+
+
+def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str, num_train_tokens: int) -> None:
+    """Refuse a resume that would not continue the same run: another model, tokenizer, seed or data."""
+    saved = state["config"]
+    ours = config_to_dict(cfg)
+    diff = [k for k in _SHAPE_FIELDS if ours["model"][k] != saved["model"].get(k)]
     if diff:
-        raise ValueError(f"checkpoint {path} was trained with model.{diff[0]}={saved_model.get(diff[0])!r}, the "
-                         f"config says {ours[diff[0]]!r}; resume with the same model config")
+        raise ValueError(f"checkpoint {path} was trained with model.{diff[0]}={saved['model'].get(diff[0])!r}, the "
+                         f"config says {ours['model'][diff[0]]!r}; resume with the same model config")
     if state.get("tokenizer_fingerprint") != fingerprint:
         raise ValueError(f"checkpoint {path} was trained with another tokenizer than data.tokenizer_dir="
                          f"{cfg.data.tokenizer_dir}; point data.tokenizer_dir at the original tokenizer")
+    if saved["train"]["seed"] != cfg.train.seed:
+        raise ValueError(f"checkpoint {path} was trained with train.seed={saved['train']['seed']}, the config says "
+                         f"{cfg.train.seed}; the seed fixes the data order, so resume with the same seed")
+    saved_tokens = state["data"].get("num_train_tokens")
+    if saved_tokens is not None and saved_tokens != num_train_tokens:
+        raise ValueError(f"checkpoint {path} was trained on {saved_tokens:,} training tokens, data.data_dir="
+                         f"{cfg.data.data_dir} holds {num_train_tokens:,}; resume on the same token shards")
 
 
 def _fsdp_options(accelerator: Accelerator) -> FSDPOptions | None:
@@ -345,7 +383,7 @@ def _save(cfg: RunConfig, accelerator: Accelerator, raw_model: TransformerLM, op
         state = {
             "schedule": {"step": step, "lr": lr},
             "data": {"samples_consumed": batches.samples_consumed(step), "global_batch_size": batches.global_batch(),
-                     "epoch": batches.epoch_of(step)},
+                     "epoch": batches.epoch_of(step), "num_train_tokens": len(batches.tokens)},
             "rng": rngs,
             "optimizer": groups,
             "config": config_to_dict(cfg),

@@ -43,6 +43,14 @@ def tiny_run(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for a subprocess that must run this checkout's dist_lm (not whatever is installed),
+    and must not log into a user's MLFLOW_TRACKING_URI."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
 def launch(overrides: list[str], *, accelerate_config: str | None = "single.yaml", cwd: Path,
            env: dict[str, str] | None = None, config: Path | None = ROOT / "configs" / "demo.yaml",
            timeout: int = 300) -> subprocess.CompletedProcess:
@@ -53,9 +61,7 @@ def launch(overrides: list[str], *, accelerate_config: str | None = "single.yaml
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
                str(ACCELERATE_CONFIGS / accelerate_config), *script]
-    # A user's MLFLOW_TRACKING_URI must not receive test runs: only the test's own env may set one.
-    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env = {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

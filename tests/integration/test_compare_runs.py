@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT, ok
+from conftest import ROOT, checkout_env, ok
 
 from dist_lm.train.tracking import MlflowTracker
 
@@ -20,7 +20,7 @@ def test_table_and_plot_from_a_real_store(tmp_path):
     png = tmp_path / "losses.png"
     proc = ok(subprocess.run([sys.executable, str(ROOT / "launch" / "compare_runs.py"), "--experiment", "cmp",
                               "--tracking-uri", uri, "--plot", str(png)], capture_output=True, text=True,
-                             timeout=120))
+                             timeout=120, env=checkout_env()))
     lines = proc.stdout.splitlines()
     assert "optim.lr" in lines[0] and "model.d_model" not in lines[0]  # only the params that differ
     big = next(line for line in lines if line.startswith("lr-big"))
@@ -28,5 +28,6 @@ def test_table_and_plot_from_a_real_store(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "compare_runs.py"), "--experiment", "nope",
-                           "--tracking-uri", uri], capture_output=True, text=True, timeout=120)
+                           "--tracking-uri", uri], capture_output=True, text=True, timeout=120,
+                          env=checkout_env())
     assert proc.returncode == 2 and "no MLflow experiment 'nope'" in proc.stderr and "cmp" in proc.stderr

@@ -1,14 +1,12 @@
 """FSDP2 on 2 gloo processes: same losses as 1 process, consolidated checkpoints that move both ways."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import ok
+from conftest import checkout_env, ok
 
 from dist_lm.train.checkpoint import list_checkpoints, load_checkpoint
 
@@ -17,16 +15,11 @@ sys.path.insert(0, str(WORKER.parent))
 import fsdp_worker  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int = 2) -> list[float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-           f"--master_port={free_port()}", str(WORKER), str(out), str(steps)] + ([str(resume)] if resume else [])
-    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    # --standalone: torchrun picks a free port itself (no bind-then-release race)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           str(WORKER), str(out), str(steps)] + ([str(resume)] if resume else [])
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**checkout_env(), "OMP_NUM_THREADS": "1"}))
     return json.loads((out / "losses.json").read_text())
 
 

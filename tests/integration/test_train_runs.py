@@ -1,9 +1,10 @@
 """Whole runs through `accelerate launch`: the demo path, DDP over gloo, accumulation, exact resume."""
 
 import math
+import shutil
 import sqlite3
 
-from conftest import ROOT, launch, ok, step_losses, tiny_run
+from conftest import ROOT, checkout_env, launch, ok, step_losses, tiny_run
 
 
 def test_demo_path_end_to_end_with_mlflow_and_generation(tmp_path, sample_shards):
@@ -36,7 +37,8 @@ def test_demo_path_end_to_end_with_mlflow_and_generation(tmp_path, sample_shards
     def gen(seed):
         cmd = [sys.executable, str(ROOT / "launch" / "generate.py"), "--checkpoint", str(run), "--prompt",
                "Once upon a time", "--max-new-tokens", "15", "--seed", str(seed)]
-        return ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)).stdout
+        return ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                 env=checkout_env())).stdout
 
     first = gen(0)
     assert first.startswith("Once upon a time") and len(first) > len("Once upon a time") + 5
@@ -65,14 +67,32 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, sample_shards):
 
 
 def test_stop_and_resume_gives_the_same_losses(tmp_path, sample_shards):
+    accum = ("train.batch_size=4", "train.grad_accum_steps=2")
     straight = tmp_path / "straight"
-    ok(launch(tiny_run(straight, sample_shards), cwd=tmp_path, accelerate_config=None))
-    stopped = tmp_path / "stopped"
-    ok(launch(tiny_run(stopped, sample_shards, "train.max_steps=3"), cwd=tmp_path, accelerate_config=None))
-    ok(launch(tiny_run(stopped, sample_shards, "train.resume=latest"), cwd=tmp_path, accelerate_config=None))
-    a, b = step_losses(straight), step_losses(stopped)
-    assert sorted(b) == list(range(1, 7))
+    ok(launch(tiny_run(straight, sample_shards, *accum), cwd=tmp_path, accelerate_config=None))
+    # A run that dies after step 5, past its last checkpoint (step 3), in the middle of a metrics line.
+    crashed = tmp_path / "crashed"
+    ok(launch(tiny_run(crashed, sample_shards, *accum, "train.max_steps=5", "checkpoint.interval=3"), cwd=tmp_path,
+              accelerate_config=None))
+    shutil.rmtree(crashed / "checkpoints" / "step_0000005")  # what a crash before step 6 leaves: only step 3
+    with (crashed / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "train/lo')
+    ok(launch(tiny_run(crashed, sample_shards, *accum, "train.resume=latest"), cwd=tmp_path,
+              accelerate_config=None))
+    a, b = step_losses(straight), step_losses(crashed)
+    assert sorted(b) == list(range(1, 7))  # steps 4-5 redone once, not logged twice; the cut line dropped
     assert all(a[s] == b[s] for s in a), (a, b)  # bit-identical on the CPU
+
+
+def test_resume_refuses_what_would_change_the_run(tmp_path, sample_shards):
+    run = tmp_path / "run"
+    ok(launch(tiny_run(run, sample_shards, "train.max_steps=3"), cwd=tmp_path, accelerate_config=None))
+    proc = launch(tiny_run(run, sample_shards, "train.resume=latest", "train.seed=7"), cwd=tmp_path,
+                  accelerate_config=None)
+    assert proc.returncode == 2 and "train.seed=1337" in proc.stderr and "same seed" in proc.stderr
+    proc = launch(tiny_run(run, sample_shards, "train.resume=latest", "train.max_steps=3"), cwd=tmp_path,
+                  accelerate_config=None)
+    assert proc.returncode == 2 and "nothing to train" in proc.stderr
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(tmp_path, sample_shards):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, iter_documents, load_manifest
 from dist_lm.data.shards import prepare_shards
@@ -193,7 +194,10 @@ def test_resume_with_another_global_batch_continues_the_order():
 
 def test_eval_batches_fixed_and_rank_split():
     tokens = ArrayTokens(8 * 10 + 1)
-    ranks = [list(EvalBatches(tokens, seq_len=8, micro_batch=2, num_batches=2, rank=r, world_size=2)) for r in (0, 1)]
+    evals = [EvalBatches(tokens, seq_len=8, micro_batch=2, num_batches=2, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [list(e) for e in evals]
+    for e, first in zip(evals, ranks):  # the same windows at every evaluation
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(first, e))
     starts = sorted(int(x[0, 0]) // 8 for r in ranks for x, _ in r) + sorted(
         int(x[1, 0]) // 8 for r in ranks for x, _ in r)
     assert sorted(starts) == list(range(8))
