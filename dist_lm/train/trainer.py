@@ -166,7 +166,7 @@ def train(cfg: RunConfig) -> TrainResult:
             model.train()
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum_steps):
-                x, y = (_to_device(t, accelerator.device) for t in batches.batch(step, micro))
+                x, y = (_to_device(part, accelerator.device) for part in batches.batch(step, micro))
                 with accelerator.accumulate(model):
                     loss = model(x, y)
                     accelerator.backward(loss)
@@ -240,12 +240,8 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.close(status)
 
     if t.sample_tokens > 0:
-        sampler = raw_model
-        if fsdp is not None:  # a sharded forward needs every rank in lockstep: sample from a gathered copy instead
-            full = model_state_full(raw_model)  # collective
-            sampler = TransformerLM(cfg.model).to(accelerator.device) if is_main else None
-            if is_main:
-                sampler.load_state_dict(full)
+        # A sharded forward needs every rank in lockstep, so under FSDP2 rank 0 samples from a gathered copy.
+        sampler = raw_model if fsdp is None else _gathered_copy(raw_model, cfg, accelerator)
     if t.sample_tokens > 0 and is_main:
         result.sample = sample_text(sampler, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         say(f"\n--- sample ({t.sample_tokens} tokens, temperature 0.8, top-p 0.95) ---\n{result.sample}\n---")
@@ -254,6 +250,16 @@ def train(cfg: RunConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _gathered_copy(model: TransformerLM, cfg: RunConfig, accelerator: Accelerator) -> TransformerLM | None:
+    """An unsharded copy of an FSDP2 model on the main process (None elsewhere); every rank must call it."""
+    full = model_state_full(model)  # collective
+    if not accelerator.is_main_process:
+        return None
+    copy = TransformerLM(cfg.model).to(accelerator.device)
+    copy.load_state_dict(full)
+    return copy
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
