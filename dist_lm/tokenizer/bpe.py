@@ -126,6 +126,7 @@ class Tokenizer:
                 self._merged[rank] = inverse[a + b]
 
         self._special_re = special_regex(self.special_tokens)
+        self._fingerprint: str | None = None
         self._whole_words = self._single_token_words()
         self._cache = _MergeCache(self)
 
@@ -208,13 +209,19 @@ class Tokenizer:
         return self.special_ids[EOT]
 
     def fingerprint(self) -> str:
-        """sha256 over merges, vocab (sorted by id) and specials, as canonical JSON of hex strings."""
+        """sha256 over merges, vocab (sorted by id) and specials, as canonical JSON of hex strings.
+
+        Computed once: a Tokenizer does not change after construction, and the trainer asks at every checkpoint.
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
         canon = {
             "merges": [[a.hex(), b.hex()] for a, b in self.merges],
             "vocab": [[i, self.vocab[i].hex()] for i in sorted(self.vocab)],
             "special_tokens": self.special_tokens,
         }
-        return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode("utf-8")).hexdigest()
+        self._fingerprint = hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode("utf-8")).hexdigest()
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, specials={self.special_tokens})"

@@ -60,11 +60,11 @@ def special_regex(special_tokens: Sequence[str]) -> regex.Pattern | None:
     return regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")")
 
 
-def _spans_special(text: str, i: int, special_tokens: Sequence[str]) -> bool:
-    """True when an occurrence of a special token covers both text[i-1] and text[i]."""
+def _spans_special(text: str | bytes, i: int, special_tokens: Sequence[str] | Sequence[bytes]) -> bool:
+    """True when an occurrence of a special token covers both text[i-1] and text[i] (str or bytes alike)."""
     for s in special_tokens:
         n = len(s)
-        if n < 2:
+        if n < 2:  # a one-character token cannot cover two positions
             continue
         j = text.find(s, max(0, i - n + 1), i + n - 1)
         while j != -1 and j < i:
@@ -168,7 +168,7 @@ def _bytes_cut(data: bytes, base: int, pos: int, specials_b: Sequence[bytes]) ->
     best = None
     for s in specials_b:  # prefer the start of a special token: chunks then hold whole documents
         j = data.find(s, lo)
-        if j != -1 and not _spans_special_bytes(data, j, specials_b) and (best is None or j < best):
+        if j != -1 and not _spans_special(data, j, specials_b) and (best is None or j < best):
             best = j
     if best is not None:
         return base + best
@@ -178,20 +178,9 @@ def _bytes_cut(data: bytes, base: int, pos: int, specials_b: Sequence[bytes]) ->
         if m is None:
             return None
         i = m.start() + 1
-        if not _spans_special_bytes(data, i, specials_b):
+        if not _spans_special(data, i, specials_b):
             return base + i
         start = m.start() + 1
-
-
-def _spans_special_bytes(data: bytes, i: int, specials_b: Sequence[bytes]) -> bool:
-    for s in specials_b:
-        n = len(s)
-        j = data.find(s, max(0, i - n + 1), i + n - 1)
-        while j != -1 and j < i:
-            if j + n > i:
-                return True
-            j = data.find(s, j + 1, i + n - 1)
-    return False
 
 
 def iter_file_text(path: str | os.PathLike, start: int, end: int) -> Iterator[str]:
