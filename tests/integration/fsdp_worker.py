@@ -17,6 +17,7 @@ from dist_lm.config import ModelConfig, RunConfig
 from dist_lm.model import TransformerLM
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups
 from dist_lm.train.checkpoint import (
+    full_tensor,
     load_checkpoint,
     load_model_weights,
     model_state_full,
@@ -28,6 +29,7 @@ from dist_lm.train.checkpoint import (
 from dist_lm.train.parallel import FSDPOptions, apply_parallelism
 
 CFG = RunConfig(model=ModelConfig(vocab_size=64, seq_len=16, d_model=32, num_layers=2, num_heads=2))
+MAX_NORM = 0.5  # below the ~0.75 gradient norms of this model, so clipping scales the shards
 GLOBAL_BATCH = 8
 
 
@@ -55,13 +57,13 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
     names = optimizer_param_names(opt, raw)
     if ckpt:
         optimizer_from_tensors(opt, names, ckpt.optimizer_tensors, ckpt.state["optimizer"], resume)
-    losses = []
+    losses, norms = [], []
     per_rank = GLOBAL_BATCH // world
     for step in range(start, start + steps):
         data = batch(step)[rank * per_rank:(rank + 1) * per_rank]
         loss = model(data[:, :-1], data[:, 1:])
         loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
+        norms.append(float(full_tensor(clip_grad_norm(model.parameters(), MAX_NORM))))
         opt.step()
         opt.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
@@ -73,7 +75,7 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
     tensors, groups = optimizer_to_tensors(opt, names)
     if rank == 0:
         save_checkpoint(out_dir, start + steps, model_state, tensors, {"optimizer": groups})
-        (out_dir / "losses.json").write_text(json.dumps(losses))
+        (out_dir / "losses.json").write_text(json.dumps({"losses": losses, "grad_norms": norms}))
 
 
 if __name__ == "__main__":

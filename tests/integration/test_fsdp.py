@@ -15,7 +15,7 @@ sys.path.insert(0, str(WORKER.parent))
 import fsdp_worker  # noqa: E402
 
 
-def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int = 2) -> list[float]:
+def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int = 2) -> dict[str, list[float]]:
     # --standalone: torchrun picks a free port itself (no bind-then-release race)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            str(WORKER), str(out), str(steps)] + ([str(resume)] if resume else [])
@@ -23,7 +23,7 @@ def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int =
     return json.loads((out / "losses.json").read_text())
 
 
-def single(out: Path, steps: int, resume: Path | None = None) -> list[float]:
+def single(out: Path, steps: int, resume: Path | None = None) -> dict[str, list[float]]:
     """The unsharded reference: the same worker code in this process, world size 1, no FSDP."""
     fsdp_worker.run(out, steps, resume, rank=0, world=1, fsdp=None)
     return json.loads((out / "losses.json").read_text())
@@ -43,10 +43,14 @@ def assert_same_checkpoint(a: Path, b: Path, tol: float = 1e-5) -> None:
 def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
     ref = tmp_path / "ref"
     sharded = tmp_path / "sharded"
-    ref_losses = single(ref, 4)
-    fsdp_losses = torchrun(sharded, 4)
+    ref_run, fsdp_run = single(ref, 4), torchrun(sharded, 4)
+    ref_losses, fsdp_losses = ref_run["losses"], fsdp_run["losses"]
     assert max(abs(a - b) for a, b in zip(ref_losses, fsdp_losses, strict=True)) < 1e-5, (ref_losses, fsdp_losses)
     assert ref_losses[-1] < ref_losses[0]
+    # The global gradient norm from the local shards (one all-reduce) equals the unsharded one, and clipping
+    # engaged (norm above MAX_NORM) at least once, so the scaled shards were checked too.
+    assert max(abs(a - b) / b for a, b in zip(fsdp_run["grad_norms"], ref_run["grad_norms"], strict=True)) < 1e-5
+    assert max(ref_run["grad_norms"]) > fsdp_worker.MAX_NORM, ref_run["grad_norms"]
     # Saved by 2 processes, consolidated: equal to the unsharded run's state, tensor by tensor.
     assert_same_checkpoint(list_checkpoints(ref)[-1], list_checkpoints(sharded)[-1])
 
@@ -54,6 +58,6 @@ def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
     ref_more = single(tmp_path / "ref_more", 2, list_checkpoints(ref)[-1])
     down = single(tmp_path / "down", 2, list_checkpoints(sharded)[-1])
     up = torchrun(tmp_path / "up", 2, list_checkpoints(ref)[-1])
-    for losses in (down, up):
-        assert max(abs(a - b) for a, b in zip(ref_more, losses, strict=True)) < 1e-5, (ref_more, losses)
+    for run in (down, up):
+        assert max(abs(a - b) for a, b in zip(ref_more["losses"], run["losses"], strict=True)) < 1e-5, (ref_more, run)
     assert_same_checkpoint(list_checkpoints(tmp_path / "ref_more")[-1], list_checkpoints(tmp_path / "up")[-1])
