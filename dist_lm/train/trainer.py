@@ -142,8 +142,10 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,
                             "global_batch_size": cfg.global_batch_size(world)})
         tracker.log_artifact(str(run_dir / "config.yaml"))
-    say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} | global batch "
-        f"{cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
+    topology = ("FSDP2" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
+        ", compiled" if t.compile else "")
+    say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
+        f"global batch {cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
         f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'} | run_dir {run_dir}")
 
     tokens_per_step = cfg.tokens_per_step(world)
