@@ -67,7 +67,7 @@ BASE_PORT = 29610  # one port per run: a just-closed rendezvous port can linger 
 
 
 def accelerate_config(topology: str, *, num_processes: int, port: int, hf: bool = False, cpu: bool = False,
-                      regional_compile: bool = False) -> dict:
+                      regional_compile: bool = False, reshard_after_forward: bool = True) -> dict:
     """The accelerate YAML (as a dict) for one run. `hf` picks Accelerate's own auto-wrap for FSDP2."""
     cfg: dict = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0,
                  "num_processes": num_processes, "mixed_precision": "no" if cpu else "bf16", "gpu_ids": "all"}
@@ -80,8 +80,9 @@ def accelerate_config(topology: str, *, num_processes: int, port: int, hf: bool 
     elif topology == "ddp":
         cfg.update(distributed_type="MULTI_GPU", main_process_port=port)
     elif topology == "fsdp":
-        fsdp = {"fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_state_dict_type": "FULL_STATE_DICT",
-                "fsdp_cpu_ram_efficient_loading": False, "fsdp_activation_checkpointing": False}
+        fsdp = {"fsdp_version": 2, "fsdp_reshard_after_forward": reshard_after_forward,
+                "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
+                "fsdp_activation_checkpointing": False}
         if hf:  # Accelerate shards each decoder layer (its auto-wrap), then embeddings, head and root
             fsdp.update(fsdp_auto_wrap_policy="TRANSFORMER_BASED_WRAP",
                         fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer")
@@ -138,7 +139,10 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
     out += [flag for flag, on in (("--gradient-as-bucket-view", args.gradient_as_bucket_view),
                                   ("--static-graph", args.static_graph), ("--no-clip", args.no_clip),
                                   ("--no-broadcast-buffers", args.no_broadcast_buffers),
-                                  ("--h2d", args.h2d), ("--dry-run", args.dry_run)) if on]
+                                  ("--h2d", args.h2d), ("--dry-run", args.dry_run),
+                                  ("--compile-after-ddp", args.compile_after_ddp), ("--profile", args.profile)) if on]
+    if args.comm_hook != "none":
+        out += ["--comm-hook", args.comm_hook]
     if args.dry_run:
         out += ["--mixed-precision", "no"]
     return out
@@ -158,6 +162,12 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append("static graph")
         if args.no_broadcast_buffers:
             parts.append("no buffer broadcast")
+        if args.comm_hook != "none":
+            parts.append(f"{args.comm_hook} grads on the wire")
+        if args.compile_after_ddp and system == "dist_lm" and compiled:
+            parts.append("compiled after DDP")
+    if topology == "fsdp" and not args.reshard_after_forward:
+        parts.append("no reshard after forward")
     if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
         parts.append("regional compile")
     if args.h2d and system == "dist_lm":
@@ -238,7 +248,8 @@ def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
 def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path) -> dict:
     """Start one run, wait for it (killing its process group on timeout) and return its row."""
     cfg = accelerate_config(run.topology, num_processes=run.num_processes, port=BASE_PORT + index, hf=run.hf,
-                            cpu=args.dry_run, regional_compile=run.regional_compile)
+                            cpu=args.dry_run, regional_compile=run.regional_compile,
+                            reshard_after_forward=args.reshard_after_forward)
     config = write_config(cfg, tmp / f"run{index:02d}_{run.topology}.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(config),
            "--num_processes", str(run.num_processes), str(run.script), *run.script_args]
@@ -280,6 +291,17 @@ def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path
     return row
 
 
+def profile_line(prof: dict) -> str:
+    """One rank-0 profile (scaling_step.profile_summary) as text: where a step's GPU time went."""
+    if "error" in prof:
+        return f"profile: {prof['error']}"
+    top = "; ".join(f"{name[:48]} {ms:.2f}" for name, ms in prof["top_kernels_ms"][:5])
+    return (f"profile per step (rank 0): span {prof['span_ms']:.1f} ms, compute {prof['compute_ms']:.1f}, NCCL "
+            f"{prof['nccl_ms']:.1f} ({prof['nccl_kernels_per_step']:.0f} kernels) of which exposed "
+            f"{prof['nccl_exposed_ms']:.1f}, idle {prof['idle_ms']:.1f} | top: {top} | host self-time top: "
+            + "; ".join(f"{name[:40]} {ms:.2f}" for name, ms in prof.get("host_top_ms", [])[:6]))
+
+
 def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[dict]:
     """Run the plan within the part's time budget; returns one row per planned run (skipped ones marked)."""
     logs = results / "logs"
@@ -298,9 +320,13 @@ def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[di
             row = launch(run, i, args, Path(tmp), logs)
             longest = max(longest, row["wall_s"])
             if "tokens_per_s_per_gpu" in row:
-                print(f"    {row['tokens_per_s_per_gpu'] / 1e3:,.1f}k tok/s/GPU | {row['step_ms']:.1f} ms | peak "
+                spread = row.get("step_ms_windows") or [row["step_ms"]]
+                print(f"    {row['tokens_per_s_per_gpu'] / 1e3:,.1f}k tok/s/GPU | {row['step_ms']:.1f} ms (windows "
+                      f"{min(spread):.1f}-{max(spread):.1f}) | peak "
                       f"{_fmt_gib(row['peak_mem_GiB'])} GiB | warm-up {row['warmup_s']:.1f} s | "
                       f"{row['wall_s']:.0f} s wall | compile: {row['compile']}", flush=True)
+                if "profile" in row:
+                    print("    " + profile_line(row["profile"]), flush=True)
             elif "error" not in row:
                 print(f"    done in {row['wall_s']:.0f} s", flush=True)
             rows.append(row)
@@ -400,7 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager-shapes", type=_csv(tuple(SHAPES)), default=["124m"], help="shapes also run eager")
     p.add_argument("--hf-fsdp-shapes", type=_csv(tuple(SHAPES)), default=["124m"],
                    help="shapes of the HF FSDP2-plugin anchor")
-    p.add_argument("--quick", action="store_true", help="compiled configurations only, 10 timed steps, parity 50")
+    p.add_argument("--quick", action="store_true", help="compiled configurations only, 15 timed steps, parity 50")
     p.add_argument("--steps", type=int, default=25, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
     p.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
@@ -411,6 +437,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP knob")
     p.add_argument("--static-graph", action="store_true", help="DDP knob")
     p.add_argument("--no-broadcast-buffers", action="store_true", help="DDP knob: broadcast_buffers=False")
+    p.add_argument("--comm-hook", choices=("none", "bf16"), default="none", help="DDP knob: gradient comm hook")
+    p.add_argument("--compile-after-ddp", action="store_true",
+                   help="dist_lm DDP: torch.compile the DDP wrapper instead of DDP around the compiled model")
+    p.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false",
+                   help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
+    p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--h2d", action="store_true", help="dist_lm copies a host batch per micro-step (trainer path)")
     p.add_argument("--no-clip", action="store_true", help="no gradient clipping in either system")
     p.add_argument("--parity-steps", type=int, default=200)
@@ -426,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="CPU check: gloo, tiny shape, 1+1 steps, no compile")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup = 10, 3
+        args.steps, args.warmup = 15, 3  # 5 windows of 3 steps
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1 (the first step compiles)")
     return args

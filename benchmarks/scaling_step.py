@@ -3,8 +3,9 @@
 usage: python -m accelerate.commands.launch --config_file X.yaml --num_processes N benchmarks/scaling_step.py
        --system {dist_lm,hf} --shape SHAPE [--no-compile] [--compile-mode model|blocks] [DDP knobs] [--dry-run]
 
-Rank 0 prints one line `SCALING_ROW {json}` at the end: tokens/s per GPU (slowest rank), peak memory (max over
-ranks), warm-up time. The topology (1 process, DDP, FSDP2) comes only from the accelerate config it was launched
+Rank 0 prints one line `SCALING_ROW {json}` at the end: tokens/s per GPU (the median of up to 5 timed windows,
+each window's time that of its slowest rank), every window's step time, peak memory (max over ranks), warm-up
+time. The topology (1 process, DDP, FSDP2) comes only from the accelerate config it was launched
 with, exactly as for the trainer.
 
 Design decisions:
@@ -21,9 +22,10 @@ Design decisions:
 - Tokens: one random batch per rank, fixed for the run, drawn from seed + rank (the data differ across ranks, as
   in training; the work does not depend on the values). They live on the GPU; `--h2d` instead copies a host
   batch each micro-step through the trainer's pinned-memory path.
-- Timing: barrier, torch.cuda.synchronize + perf_counter around `--steps` optimizer steps after `--warmup`
-  untimed ones (compilation happens there). Every rank times itself; the row reports the slowest rank, since
-  data-parallel ranks wait for each other.
+- Timing: `--steps` optimizer steps after `--warmup` untimed ones (compilation happens there), in up to 5
+  windows, each behind a barrier and torch.cuda.synchronize, timed with perf_counter. Every rank times itself;
+  a window counts at its slowest rank, since data-parallel ranks wait for each other; the row reports the
+  median window (the spread is in step_ms_windows).
 - `--dry-run`: a tiny shape, one warm-up and one timed step, on whatever device there is (the CPU over gloo here),
   to check construction and the step without a GPU.
 """
@@ -41,6 +43,7 @@ for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICA
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -89,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
     p.add_argument("--no-broadcast-buffers", action="store_true",
                    help="DDP broadcast_buffers=False (dist_lm's only buffers are the fixed RoPE tables)")
+    p.add_argument("--comm-hook", choices=("none", "bf16"), default="none",
+                   help="DDP gradient comm hook (Accelerate's DDPCommunicationHookType): bf16 halves the bytes")
+    p.add_argument("--compile-after-ddp", action="store_true",
+                   help="dist_lm DDP: wrap in DDP first, then torch.compile the wrapper (dynamo's DDPOptimizer "
+                        "splits the graph at bucket boundaries), instead of DDP around the compiled model")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 steps: GPU busy time, NCCL time and how much of it is exposed")
     p.add_argument("--tag", default="", help="free text copied into the row (the driver's run label)")
     p.add_argument("--dry-run", action="store_true", help="tiny shape, 1 warm-up + 1 timed step, any device")
     args = p.parse_args(argv)
@@ -114,6 +124,10 @@ def make_accelerator(args: argparse.Namespace):
         ddp["static_graph"] = True
     if args.no_broadcast_buffers:
         ddp["broadcast_buffers"] = False
+    if args.comm_hook == "bf16":
+        from accelerate.utils import DDPCommunicationHookType
+
+        ddp["comm_hook"] = DDPCommunicationHookType.BF16
     return Accelerator(
         # As the trainer: without CUDA, force the CPU so Accelerate joins the torchrun processes over gloo.
         cpu=not torch.cuda.is_available(),
@@ -131,6 +145,9 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
     raw = TransformerLM(cfg)
     fsdp = _fsdp_options(accelerator)
+    after_ddp = args.compile_after_ddp and fsdp is None and not args.no_compile
+    if after_ddp:
+        run_cfg.train.compile = False  # compiled below, around the DDP wrapper
     model = apply_parallelism(raw, run_cfg, compile_mode=args.compile_mode, fsdp=fsdp)
     # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in train()).
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
@@ -139,7 +156,10 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
         model, optimizer = accelerator.prepare(model, optimizer)
     else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
-    how = "eager" if args.no_compile else ("blocks" if fsdp is not None else args.compile_mode)
+    if after_ddp:
+        model = torch.compile(model)
+    how = "eager" if args.no_compile else ("blocks" if fsdp is not None else
+                                           "model after DDP" if after_ddp else args.compile_mode)
     device = accelerator.device
     host_x, host_y = x.cpu(), y.cpu()
     lr = HYPER["lr"]
@@ -213,8 +233,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int) -> tuple[float, float, float]:
-    """(warm-up seconds, seconds per timed step, last loss) on this rank."""
+WINDOWS = 5
+
+
+def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int) -> tuple[float, list[float], float]:
+    """(warm-up seconds, seconds per step in each timed window, last loss) on this rank.
+
+    The timed steps are split into up to WINDOWS windows, each started together on all ranks and closed with a
+    device sync: the lent machines showed one-off stalls of tens of ms (host or peer), which a single mean
+    over 10 steps turned into a 20-30% swing between calls; the median window is robust to one of them."""
     device = accelerator.device
     accelerator.wait_for_everyone()
     t0 = time.perf_counter()
@@ -222,14 +249,81 @@ def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int
         step()
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    accelerator.wait_for_everyone()  # start the timed window together: a late rank would stall the others
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    step_s = (time.perf_counter() - t0) / steps
-    return warmup_s, step_s, float(loss)  # the one host read, after the clock stopped
+    windows = min(WINDOWS, steps)
+    sizes = [steps // windows + (i < steps % windows) for i in range(windows)]
+    per_step = []
+    for size in sizes:
+        accelerator.wait_for_everyone()  # start each window together: a late rank would stall the others
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(size):
+            loss = step()
+        _sync(device)
+        per_step.append((time.perf_counter() - t0) / size)
+    return warmup_s, per_step, float(loss)  # the one host read, after the clock stopped
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted, merged interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0.0, hi - lo)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, steps: int = 3) -> dict:
+    """Where a step's GPU time goes, per step in ms: the span from the first kernel to the last, the time any
+    compute kernel runs, the time NCCL kernels run, the part of that with no compute beside it (exposed
+    communication: what overlap would remove), idle gaps, and the top kernels by total time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        return {"error": "no GPU kernels recorded"}
+    is_comm = [("nccl" in name.lower()) for name, _, _ in kernels]
+    comm = _union([(a, b) for (_, a, b), c in zip(kernels, is_comm) if c])
+    compute = _union([(a, b) for (_, a, b), c in zip(kernels, is_comm) if not c])
+    span = max(b for _, _, b in kernels) - min(a for _, a, _ in kernels)
+    busy = _length(_union([(a, b) for _, a, b in kernels]))
+    totals: dict[str, float] = {}
+    for name, a, b in kernels:
+        totals[name[:70]] = totals.get(name[:70], 0.0) + (b - a)
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
+    per = 1e3 * steps  # microseconds over `steps` steps -> ms per step
+    # Host side: the ops with the most self CPU time (where a GPU left idle waits for the host).
+    host = sorted(((e.key[:60], e.self_cpu_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])[:8]
+    return {"host_top_ms": [[name, t / per] for name, t in host],
+            "steps": steps, "span_ms": span / per, "compute_ms": _length(compute) / per,
+            "nccl_ms": _length(comm) / per, "nccl_exposed_ms": (_length(comm) - _overlap(comm, compute)) / per,
+            "idle_ms": (span - busy) / per, "nccl_kernels_per_step": sum(is_comm) / steps,
+            "top_kernels_ms": [[name, t / per] for name, t in top]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,14 +347,18 @@ def main(argv: list[str] | None = None) -> None:
         step, model, how, extra = build_dist_lm(args, accelerator, cfg, x, y)
     else:
         step, model, how, extra = build_hf(args, accelerator, cfg, x)
-    warmup_s, step_s, loss = timed(step, accelerator, args.warmup, args.steps)
+    warmup_s, windows_s, loss = timed(step, accelerator, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if args.profile:
+        extra["profile"] = profile_summary(step, device)
 
-    mine = {"rank": accelerator.process_index, "step_s": step_s, "warmup_s": warmup_s, "peak_mem_GiB": peak,
+    mine = {"rank": accelerator.process_index, "windows_s": windows_s, "warmup_s": warmup_s, "peak_mem_GiB": peak,
             "loss": loss}
     ranks = gather_object([mine])
     if accelerator.is_main_process:
-        slowest = max(r["step_s"] for r in ranks)
+        # Per window the slowest rank (data-parallel ranks wait for each other), then the median window.
+        windows = [max(r["windows_s"][i] for r in ranks) for i in range(len(windows_s))]
+        slowest = statistics.median(windows)
         tokens_per_gpu = batch * args.grad_accum * cfg.seq_len
         tps = tokens_per_gpu / slowest
         losses = [r["loss"] for r in ranks]
@@ -269,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             "num_gpus": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
             "compiled": not args.no_compile, "compile": how, "batch_per_gpu": batch, "grad_accum": args.grad_accum,
             "seq_len": cfg.seq_len, "steps": args.steps, "warmup": args.warmup,
-            "step_ms": 1e3 * slowest, "tokens_per_s_per_gpu": tps,
+            "step_ms": 1e3 * slowest, "step_ms_windows": [1e3 * w for w in windows], "tokens_per_s_per_gpu": tps,
             "mfu": tps * flops_per_token(cfg) / PEAK_FLOPS if device.type == "cuda" else None,
             "peak_mem_GiB": None if peak is None else max(r["peak_mem_GiB"] for r in ranks),
             "warmup_s": max(r["warmup_s"] for r in ranks), "loss": losses[0],
