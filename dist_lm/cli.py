@@ -1,7 +1,8 @@
 """What every entry script shares: one clear line for bad input instead of a traceback.
 
-Errors raised at the boundaries (config, files, checkpoints, data) carry the bad value and the
-fix; the scripts print that one line on the main process and exit with status 2. Anything else
+Errors raised at the boundaries (config, files, checkpoints, data) are dist_lm.errors.UserError and carry the
+bad value and the fix; the scripts print that one line on the main process and exit with status 2. So do a
+missing or already existing file and a diverged loss. Anything else, a plain ValueError from a bug included,
 is a bug and keeps its traceback.
 """
 
@@ -11,7 +12,9 @@ import os
 import sys
 from collections.abc import Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+from dist_lm.errors import UserError
+
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_lm.errors import UserError
+
 AttentionBackend = Literal["auto", "triton", "sdpa", "reference"]
 MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
 
@@ -214,16 +216,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ValueError(f"config {path} is not valid YAML: {exc}") from None
+            raise UserError(f"config {path} is not valid YAML: {exc}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+            raise UserError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+            raise UserError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
     cfg = _build(RunConfig, raw, "")
     validate(cfg)
@@ -278,20 +280,20 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"override {key}: {part} is a value, not a section")
+            raise UserError(f"override {key}: {part} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {raw!r}")
+        raise UserError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ValueError(
+        raise UserError(
             f"unknown config key {prefix}{unknown[0]!s} in {where}; accepted keys: {', '.join(sorted(known))}"
         )
     kwargs = {}
@@ -326,22 +328,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
             value = next((a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]), value)
         if value not in args:
-            raise ValueError(f"config key {key}={value!r} is not accepted; use {_type_name(hint)}")
+            raise UserError(f"config key {key}={value!r} is not accepted; use {_type_name(hint)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"config key {key}={value!r} must be a list of {len(args)} numbers, e.g. [0.9, 0.95]")
+            raise UserError(f"config key {key}={value!r} must be a list of {len(args)} numbers, e.g. [0.9, 0.95]")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config key {key}={value!r} must be true or false")
+        raise UserError(f"config key {key}={value!r} must be true or false")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"config key {key}={value!r} must be an integer")
+        raise UserError(f"config key {key}={value!r} must be an integer")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -350,11 +352,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config key {key}={value!r} must be a number")
+        raise UserError(f"config key {key}={value!r} must be a number")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"config key {key}={value!r} must be a string")
+        raise UserError(f"config key {key}={value!r} must be a string")
     raise AssertionError(f"unsupported annotation {hint} for {key}")
 
 
@@ -364,7 +366,7 @@ def validate(cfg: RunConfig) -> None:
 
     def need(ok: bool, key: str, value: Any, accepted: str) -> None:
         if not ok:
-            raise ValueError(f"config key {key}={value!r} is not accepted: {accepted}")
+            raise UserError(f"config key {key}={value!r} is not accepted: {accepted}")
 
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.seq_len", m.seq_len), ("model.d_model", m.d_model),

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from dist_lm.config import config_from_dict
+from dist_lm.errors import UserError
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.tokenizer.formats import hf_tokenizer_json
 from dist_lm.train.checkpoint import INFERENCE_KEYS, load_model_state, load_state
@@ -70,7 +71,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer_dir: 
     cfg = config_from_dict(state["config"])
     tokenizer = load_tokenizer(tokenizer_dir or cfg.data.tokenizer_dir)
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):
-        raise ValueError(f"tokenizer {tokenizer_dir or cfg.data.tokenizer_dir} is not the one {checkpoint} was "
+        raise UserError(f"tokenizer {tokenizer_dir or cfg.data.tokenizer_dir} is not the one {checkpoint} was "
                          "trained with; pass the original tokenizer directory")
     weights = {hf_name(k): v.to(dtype).contiguous() for k, v in load_model_state(checkpoint).items()}
     out_dir.mkdir(parents=True, exist_ok=True)

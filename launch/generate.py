@@ -2,12 +2,14 @@
 --prompt "Once upon a time" --max-new-tokens 200 --temperature 0.8 --top-p 0.95 --seed 0`.
 --checkpoint takes a step_* directory or a run directory (its latest checkpoint)."""
 
+
 import argparse
 
 import torch
 
 from dist_lm.cli import run_main
 from dist_lm.config import config_from_dict
+from dist_lm.errors import UserError
 from dist_lm.model import TransformerLM
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.train.checkpoint import (
@@ -40,7 +42,7 @@ def main() -> None:
     cfg = config_from_dict(state["config"])
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer_dir)
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):
-        raise ValueError(f"tokenizer {args.tokenizer or cfg.data.tokenizer_dir} is not the one {path} was trained "
+        raise UserError(f"tokenizer {args.tokenizer or cfg.data.tokenizer_dir} is not the one {path} was trained "
                          "with; pass --tokenizer with the original tokenizer directory")
     model = TransformerLM(cfg.model)
     load_model_weights(model, load_model_state(path), path)

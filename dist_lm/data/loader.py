@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dist_lm.data.shards import ShardedTokens
+from dist_lm.errors import UserError
 
 
 class TrainBatches:
@@ -38,7 +39,7 @@ class TrainBatches:
         self._start_step, self._start_sample = 0, 0
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
-            raise ValueError(f"the training split has {len(tokens)} tokens, fewer than one window of "
+            raise UserError(f"the training split has {len(tokens)} tokens, fewer than one window of "
                              f"seq_len+1={seq_len + 1}; lower model.seq_len or prepare more data")
 
     def global_batch(self) -> int:
@@ -94,7 +95,7 @@ class EvalBatches:
         self.world_size = world_size
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
-            raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
+            raise UserError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
                              f"seq_len+1={seq_len + 1}; raise data.val_fraction or lower model.seq_len")
 
     def __iter__(self):

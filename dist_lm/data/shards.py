@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_lm.data.sources import SPLITS, iter_documents
+from dist_lm.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -63,7 +64,7 @@ def prepare_shards(
         # even with overwrite: replacing it would delete whatever the directory holds
         raise FileExistsError(f"{out_dir} exists and is not a shard directory; choose an empty or new directory")
     if shard_tokens < 1:
-        raise ValueError(f"shard_tokens={shard_tokens} must be positive")
+        raise UserError(f"shard_tokens={shard_tokens} must be positive")
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -155,10 +156,10 @@ def load_manifest(data_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg}); rebuild the shards with "
+        raise UserError(f"{path} is not valid JSON ({exc.msg}); rebuild the shards with "
                          "launch/prepare_data.py") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {manifest.get('format_version')!r}, this dist_lm reads "
+        raise UserError(f"{path} has format_version {manifest.get('format_version')!r}, this dist_lm reads "
                          f"{FORMAT_VERSION}; rebuild the shards with launch/prepare_data.py")
     return manifest
 
@@ -166,7 +167,7 @@ def load_manifest(data_dir: str | Path) -> dict:
 def check_tokenizer(manifest: dict, fingerprint: str, data_dir: str | Path) -> None:
     """Refuse shards made with a tokenizer other than the one the run uses."""
     if manifest["tokenizer_fingerprint"] != fingerprint:
-        raise ValueError(
+        raise UserError(
             f"the shards in {data_dir} were made with tokenizer {manifest['tokenizer_dir']} "
             f"(fingerprint {manifest['tokenizer_fingerprint'][:12]}), not the configured one "
             f"(fingerprint {fingerprint[:12]}); set data.tokenizer_dir to the tokenizer the shards were made with, "
@@ -185,7 +186,7 @@ class ShardedTokens:
     def open(cls, data_dir: str | Path, split: str, manifest: dict | None = None) -> ShardedTokens:
         manifest = manifest if manifest is not None else load_manifest(data_dir)
         if split not in manifest["splits"]:
-            raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
+            raise UserError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
         dtype = np.dtype(manifest["dtype"])
         arrays = []
         for shard in manifest["splits"][split]["shards"]:
@@ -194,7 +195,7 @@ class ShardedTokens:
                 raise FileNotFoundError(f"shard {path} listed in the manifest is missing; rebuild with "
                                         "launch/prepare_data.py --overwrite")
             if path.stat().st_size != shard["num_tokens"] * dtype.itemsize:
-                raise ValueError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
+                raise UserError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
                                  f"{shard['num_tokens']} {dtype.name} tokens; rebuild with "
                                  "launch/prepare_data.py --overwrite")
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from dist_lm.errors import UserError
+
 BUNDLED_SOURCES = {"bundled:tinystories": "tinystories_sample.txt"}
 DOC_SEPARATOR = "<|endoftext|>"
 SPLITS = ("train", "val")
@@ -30,7 +32,7 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 def bundled_path(name: str) -> Path:
     """Filesystem path of a bundled sample, e.g. bundled_path('bundled:tinystories')."""
     if name not in BUNDLED_SOURCES:
-        raise ValueError(f"unknown bundled source {name!r}; accepted: {', '.join(BUNDLED_SOURCES)}")
+        raise UserError(f"unknown bundled source {name!r}; accepted: {', '.join(BUNDLED_SOURCES)}")
     path = Path(str(resources.files("dist_lm.data") / "samples" / BUNDLED_SOURCES[name]))
     if not path.is_file():
         raise FileNotFoundError(f"bundled sample {path} is missing from the installation; reinstall dist_lm")
@@ -41,7 +43,7 @@ def iter_documents(source: str, split: str, *, text_field: str = "text",
                    val_fraction: float = 0.05) -> Iterator[str]:
     """Yield the documents of one split ('train' or 'val') of a source, in a fixed order."""
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not accepted; use one of {SPLITS}")
+        raise UserError(f"split {split!r} is not accepted; use one of {SPLITS}")
     if source.startswith("bundled:"):
         return _split_local(bundled_path(source), split, text_field, val_fraction)
     path = Path(source).expanduser()
@@ -49,7 +51,7 @@ def iter_documents(source: str, split: str, *, text_field: str = "text",
         return _iter_hub(str(path), split, text_field, val_fraction)
     if path.exists():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"data source {path} has suffix {path.suffix!r}; accepted: {', '.join(LOCAL_SUFFIXES)}")
+            raise UserError(f"data source {path} has suffix {path.suffix!r}; accepted: {', '.join(LOCAL_SUFFIXES)}")
         return _split_local(path, split, text_field, val_fraction)
     if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise FileNotFoundError(f"data source {source} does not exist; pass an existing .txt/.jsonl/.parquet file, "
@@ -68,10 +70,10 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that "
+                    raise UserError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that "
                                      "line") from None
                 if text_field not in row:
-                    raise ValueError(f"{path}:{lineno} has no field {text_field!r}; set data.text_field to one of "
+                    raise UserError(f"{path}:{lineno} has no field {text_field!r}; set data.text_field to one of "
                                      f"{sorted(row)}")
                 yield row[text_field]
     else:
@@ -79,7 +81,7 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
 
         table = pq.ParquetFile(path)
         if text_field not in table.schema_arrow.names:
-            raise ValueError(f"{path} has no column {text_field!r}; set data.text_field to one of "
+            raise UserError(f"{path} has no column {text_field!r}; set data.text_field to one of "
                              f"{table.schema_arrow.names}")
         for batch in table.iter_batches(columns=[text_field], batch_size=1024):
             yield from batch.column(0).to_pylist()
@@ -107,12 +109,12 @@ def _split_local(path: Path, split: str, text_field: str, val_fraction: float) -
     # Two passes: one to count documents (cheap, streaming), one to yield the chosen split.
     num_docs = sum(1 for _ in _read_local(path, text_field))
     if num_docs == 0:
-        raise ValueError(f"data source {path} holds no documents; check the file and data.text_field")
+        raise UserError(f"data source {path} holds no documents; check the file and data.text_field")
     num_val = int(round(num_docs * val_fraction))
     if val_fraction > 0:
         num_val = max(1, num_val)
     if num_val >= num_docs:
-        raise ValueError(f"data source {path} has {num_docs} documents, too few to hold out "
+        raise UserError(f"data source {path} has {num_docs} documents, too few to hold out "
                          f"val_fraction={val_fraction}; lower data.val_fraction or add text")
     first_val = num_docs - num_val
     for i, doc in enumerate(_read_local(path, text_field)):
@@ -126,7 +128,7 @@ def _iter_hub(name: str, split: str, text_field: str, val_fraction: float) -> It
     try:
         available = datasets.get_dataset_split_names(name)
     except Exception as exc:  # the hub client raises many types (connection, auth, not found)
-        raise ValueError(f"could not reach dataset {name!r} on the hub ({type(exc).__name__}: {exc}); "
+        raise UserError(f"could not reach dataset {name!r} on the hub ({type(exc).__name__}: {exc}); "
                          "check the name and the network, or pass a local .txt/.jsonl/.parquet file") from None
     hub_val = next((s for s in ("validation", "valid", "val", "test") if s in available), None)
     if hub_val is not None:
@@ -144,5 +146,5 @@ def _iter_hub(name: str, split: str, text_field: str, val_fraction: float) -> It
 
 def _field(row: dict, text_field: str, name: str) -> str:
     if text_field not in row:
-        raise ValueError(f"dataset {name} has no column {text_field!r}; set data.text_field to one of {sorted(row)}")
+        raise UserError(f"dataset {name} has no column {text_field!r}; set data.text_field to one of {sorted(row)}")
     return row[text_field]

@@ -31,6 +31,7 @@ Design decisions:
   and the pointer path is what the CPU interpreter runs.
 """
 
+
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -38,6 +39,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 import triton
 import triton.language as tl
+
+from dist_lm.errors import UserError
 
 __all__ = ["flash_attention", "attention_reference"]
 
@@ -563,39 +566,39 @@ def flash_attention(
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float | None) -> float:
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"flash_attention: sm_scale must be a finite positive float, got {sm_scale!r}")
+        raise UserError(f"flash_attention: sm_scale must be a finite positive float, got {sm_scale!r}")
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        raise ValueError("flash_attention: q, k and v must be torch.Tensor")
+        raise UserError("flash_attention: q, k and v must be torch.Tensor")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"flash_attention: expected 4-D (batch, heads, seq, head_dim) tensors, got "
+        raise UserError(f"flash_attention: expected 4-D (batch, heads, seq, head_dim) tensors, got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
+        raise UserError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; use bfloat16, float16 or float32 (tf32)")
+        raise UserError(f"flash_attention: dtype {q.dtype} is not supported; use bfloat16, float16 or float32 (tf32)")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+        raise UserError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     batch, heads, seq_q, head_dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, heads) or k.shape[3] != head_dim:
-        raise ValueError(f"flash_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+        raise UserError(f"flash_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}; k and v need q's batch, heads and head_dim (repeat kv heads for GQA)")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention: head_dim {head_dim} is not supported; use 1..{MAX_HEAD_DIM}")
+        raise UserError(f"flash_attention: head_dim {head_dim} is not supported; use 1..{MAX_HEAD_DIM}")
     seq_k = k.shape[2]
     if seq_k == 0 and seq_q > 0:
-        raise ValueError("flash_attention: k and v have no keys (seq_k = 0); softmax over nothing is undefined")
+        raise UserError("flash_attention: k and v have no keys (seq_k = 0); softmax over nothing is undefined")
     if causal and seq_q > seq_k:
-        raise ValueError(f"flash_attention: causal with seq_q {seq_q} > seq_k {seq_k} leaves the first "
+        raise UserError(f"flash_attention: causal with seq_q {seq_q} > seq_k {seq_k} leaves the first "
                          f"{seq_q - seq_k} query rows without keys; pass causal=False or more keys")
     for name, t in (("q", q), ("k", k), ("v", v)):
         # offsets inside one head are int32 in the kernels; the (batch, head) base offset is int64
         if (t.shape[2] - 1) * t.stride(2) + t.shape[3] > _INT32_MAX:
-            raise ValueError(f"flash_attention: {name} is too long for int32 offsets within a head "
+            raise UserError(f"flash_attention: {name} is too long for int32 offsets within a head "
                              f"(seq {t.shape[2]}, stride {t.stride(2)})")
     if _INTERPRETED:
         if q.device.type != "cpu":
-            raise ValueError(f"flash_attention: with TRITON_INTERPRET=1 the tensors must be on the CPU, got {q.device}")
+            raise UserError(f"flash_attention: with TRITON_INTERPRET=1 the tensors must be on the CPU, got {q.device}")
     elif q.device.type != "cuda":
-        raise ValueError(f"flash_attention: needs CUDA tensors, got {q.device}; use SDPA elsewhere "
+        raise UserError(f"flash_attention: needs CUDA tensors, got {q.device}; use SDPA elsewhere "
                          "(or TRITON_INTERPRET=1 set before import, for tests)")
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)

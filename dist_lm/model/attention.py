@@ -20,6 +20,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from dist_lm.errors import UserError
+
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 
 _warned: set[str] = set()
@@ -83,13 +85,13 @@ def attention(
     torch.Size([1, 2, 4, 8])
     """
     if backend not in BACKENDS:
-        raise ValueError(f"attention backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        raise UserError(f"attention backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
+        raise UserError(
             f"attention expects (B, H, T, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if k.shape[-2] < q.shape[-2]:
-        raise ValueError(
+        raise UserError(
             f"attention got {q.shape[-2]} queries but only {k.shape[-2]} keys; queries must not outnumber keys"
         )
     if backend == "reference":
@@ -100,10 +102,10 @@ def attention(
     # triton or auto; the kernel aligns fewer queries than keys to the end of the keys (KV-cache decoding)
     if backend == "triton":
         if not q.is_cuda:
-            raise ValueError(f"attention backend='triton' needs CUDA tensors, got device {q.device}; use 'sdpa'")
+            raise UserError(f"attention backend='triton' needs CUDA tensors, got device {q.device}; use 'sdpa'")
         fn, why = _load_triton()
         if fn is None:
-            raise ValueError(f"attention backend='triton' cannot import dist_lm.kernels.flash_attention ({why}); "
+            raise UserError(f"attention backend='triton' cannot import dist_lm.kernels.flash_attention ({why}); "
                              "install triton or use backend='sdpa'")
         return fn(q, k, v, causal=causal, sm_scale=None)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dist_lm.errors import UserError
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer; `pos` is how many positions are filled."""
@@ -35,7 +37,7 @@ class KVCache:
         """Store k, v (B, H, T, D) at positions pos ... pos + T - 1 and return all keys and values so far."""
         end = self.pos + k.shape[-2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot store up to position {end}")
+            raise UserError(f"KV cache holds {self.max_len} positions; cannot store up to position {end}")
         buf_k = self._k[layer_id]
         shape = (*k.shape[:2], self.max_len, k.shape[-1])
         if buf_k is None or buf_k.shape != shape or buf_k.dtype != k.dtype or buf_k.device != k.device:
@@ -93,18 +95,18 @@ def sample_next(
 def _check_args(model: nn.Module, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> None:
     vocab = model.cfg.vocab_size
     if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty; pass at least one token id (e.g. the BOS or EOS id)")
+        raise UserError("prompt_ids is empty; pass at least one token id (e.g. the BOS or EOS id)")
     bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
     if bad:
-        raise ValueError(f"prompt_ids contains {bad[0]}, outside the model's vocabulary [0, {vocab})")
+        raise UserError(f"prompt_ids contains {bad[0]}, outside the model's vocabulary [0, {vocab})")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+        raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 or None (no top-k filter)")
+        raise UserError(f"top_k={top_k} must be >= 1 or None (no top-k filter)")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or None (no nucleus filter)")
+        raise UserError(f"top_p={top_p} must be in (0, 1] or None (no nucleus filter)")
 
 
 @torch.no_grad()

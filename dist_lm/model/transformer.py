@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_lm.config import ModelConfig
+from dist_lm.errors import UserError
 from dist_lm.kernels.cross_entropy import linear_cross_entropy
 from dist_lm.model.attention import BACKENDS, attention
 
@@ -135,12 +136,12 @@ class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.d_model % cfg.num_heads or cfg.head_dim() % 2:
-            raise ValueError(
+            raise UserError(
                 f"model.d_model={cfg.d_model} must split into num_heads={cfg.num_heads} heads of even width "
                 "(RoPE rotates pairs); pick num_heads dividing d_model with an even quotient"
             )
         if cfg.attention_backend not in BACKENDS:
-            raise ValueError(f"model.attention_backend={cfg.attention_backend!r} is unknown; use one of {BACKENDS}")
+            raise UserError(f"model.attention_backend={cfg.attention_backend!r} is unknown; use one of {BACKENDS}")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_layers))
@@ -194,11 +195,11 @@ class TransformerLM(nn.Module):
         With a KV cache, idx holds only the new tokens; they sit at positions cache.pos ... cache.pos + T - 1.
         """
         if idx.dim() != 2:
-            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+            raise UserError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.seq_len:
-            raise ValueError(
+            raise UserError(
                 f"sequence of {start + T} tokens exceeds model.seq_len={self.cfg.seq_len}; "
                 "crop the input to the last seq_len tokens"
             )
@@ -217,7 +218,7 @@ class TransformerLM(nn.Module):
     def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean CE over non-ignored targets: chunked LM head + CE (cfg.fused_loss), or full logits then CE."""
         if targets.shape != x.shape[:2]:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(x.shape[:2])}")
+            raise UserError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(x.shape[:2])}")
         if self.cfg.fused_loss:
             # (B*T, d) rows x (V, d) head: logits only ever exist one chunk of rows at a time
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dist_lm.errors import UserError
+
 _warned: set[str] = set()
 
 
@@ -112,13 +114,13 @@ class AdamW(torch.optim.Optimizer):
         """fused: True = Triton kernel (warn once and use foreach where it cannot run), False = foreach,
         None = the kernel where it can run, silently foreach elsewhere."""
         if lr < 0:
-            raise ValueError(f"AdamW lr={lr} must be >= 0")
+            raise UserError(f"AdamW lr={lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
-            raise ValueError(f"AdamW betas={betas} must be two numbers in [0, 1), e.g. (0.9, 0.95)")
+            raise UserError(f"AdamW betas={betas} must be two numbers in [0, 1), e.g. (0.9, 0.95)")
         if eps <= 0:
-            raise ValueError(f"AdamW eps={eps} must be > 0, e.g. 1e-8")
+            raise UserError(f"AdamW eps={eps} must be > 0, e.g. 1e-8")
         if weight_decay < 0:
-            raise ValueError(f"AdamW weight_decay={weight_decay} must be >= 0")
+            raise UserError(f"AdamW weight_decay={weight_decay} must be >= 0")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         # Not a param-group default: state_dict() stays exactly what it was before the fused path existed.
         self.fused = fused
@@ -137,7 +139,7 @@ class AdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse:
-                    raise ValueError("AdamW does not support sparse gradients; use dense embeddings")
+                    raise UserError("AdamW does not support sparse gradients; use dense embeddings")
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -198,7 +200,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     [(1, 0.1), (2, 0.0)]
     """
     if weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        raise UserError(f"weight_decay={weight_decay} must be >= 0")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():

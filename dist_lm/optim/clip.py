@@ -23,11 +23,13 @@ from collections.abc import Iterable
 
 import torch
 
+from dist_lm.errors import UserError
+
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping (fp32)."""
     if max_norm < 0:
-        raise ValueError(f"max_norm={max_norm} must be >= 0 (0 measures the norm without clipping)")
+        raise UserError(f"max_norm={max_norm} must be >= 0 (0 measures the norm without clipping)")
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from dist_lm.errors import UserError
+
 
 def cosine_with_warmup(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine_steps: int) -> float:
     """Learning rate at optimizer step `step` (counted from 0).
@@ -20,9 +22,9 @@ def cosine_with_warmup(step: int, max_lr: float, min_lr: float, warmup_steps: in
     [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]
     """
     if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
+        raise UserError(f"step={step} must be >= 0")
     if not 0 <= warmup_steps <= cosine_steps:
-        raise ValueError(
+        raise UserError(
             f"warmup_steps={warmup_steps} must be in [0, cosine_steps={cosine_steps}]; warmup cannot outlast the cosine"
         )
     # 1) linear warmup from 0

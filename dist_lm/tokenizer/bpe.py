@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, repeat
 from pathlib import Path
 
+from dist_lm.errors import UserError
 from dist_lm.tokenizer import formats
 from dist_lm.tokenizer.pretokenize import PRETOKEN_RE, iter_safe_segments, special_regex
 
@@ -97,7 +98,7 @@ class Tokenizer:
 
         missing = [b for b in range(256) if bytes([b]) not in inverse]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"vocab lacks {len(missing)} single-byte token(s) (first: byte {missing[0]}); a byte-level "
                 f"BPE vocab needs all 256 bytes: are vocab and merges from the same tokenizer?"
             )
@@ -113,7 +114,7 @@ class Tokenizer:
         for rank, (a, b) in enumerate(self.merges):
             for part in (a, b, a + b):
                 if part not in inverse:
-                    raise ValueError(
+                    raise UserError(
                         f"vocab and merges disagree: merge {rank + 1} ({a!r}, {b!r}) needs token {part!r}, "
                         f"which is not in the vocab; load a vocab and merges saved together"
                     )
@@ -177,7 +178,7 @@ class Tokenizer:
             expected = formats.hf_tokenizer_json(tok.vocab, tok.merges, tok.special_ids)["model"]
             model = hf.get("model", {})
             if model.get("vocab") != expected["vocab"] or model.get("merges") != expected["merges"]:
-                raise ValueError(
+                raise UserError(
                     f"{str(hf_path)!r} disagrees with vocab.json/merges.txt in {str(d)!r}; "
                     f"re-save the tokenizer (Tokenizer.load(...).save(dir) is not possible on a broken dir: "
                     f"delete tokenizer.json, load, and save again)"
@@ -202,7 +203,7 @@ class Tokenizer:
     @property
     def eot_id(self) -> int:
         if EOT not in self.special_ids:
-            raise ValueError(
+            raise UserError(
                 f"this tokenizer has no {EOT!r} special token (specials: {self.special_tokens}); "
                 f"train or load it with special_tokens=[{EOT!r}]"
             )
@@ -289,7 +290,7 @@ class Tokenizer:
         if num_workers is None:
             num_workers = os.cpu_count() or 1
         if num_workers < 1:
-            raise ValueError(f"num_workers={num_workers} must be >= 1 (or None for all cores)")
+            raise UserError(f"num_workers={num_workers} must be >= 1 (or None for all cores)")
         num_workers = min(num_workers, len(texts), sum(map(len, texts)) // POOL_MIN_CHARS)
         if num_workers < 2:
             return [self.encode(t) for t in texts]
@@ -305,7 +306,7 @@ class Tokenizer:
         try:
             return b"".join([self.vocab[i] for i in ids])
         except KeyError as e:
-            raise ValueError(f"id {e.args[0]!r} is not in the vocab (size {self.vocab_size})") from None
+            raise UserError(f"id {e.args[0]!r} is not in the vocab (size {self.vocab_size})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD."""

@@ -19,6 +19,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from dist_lm.errors import UserError
+
 FORMAT_VERSION = 1
 FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 
@@ -54,7 +56,7 @@ def str_to_token(s: str, where: str) -> bytes:
     try:
         return bytes(CHAR_TO_BYTE[c] for c in s)
     except KeyError as e:
-        raise ValueError(
+        raise UserError(
             f"{where}: token {s!r} has character {e.args[0]!r} outside GPT-2's byte-to-unicode table; "
             f"is this a byte-level BPE file? (declare it in special_tokens if it is a special token)"
         ) from None
@@ -72,16 +74,16 @@ def read_gpt2_vocab(path: str | os.PathLike, special_tokens: Sequence[str]) -> d
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"vocab file {str(path)!r} is not valid JSON ({e}); re-save it") from None
+        raise UserError(f"vocab file {str(path)!r} is not valid JSON ({e}); re-save it") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"vocab file {str(path)!r} must be a JSON object token -> id")
+        raise UserError(f"vocab file {str(path)!r} must be a JSON object token -> id")
     specials = set(special_tokens)
     vocab: dict[int, bytes] = {}
     for s, i in raw.items():
         if not isinstance(i, int) or i < 0:
-            raise ValueError(f"vocab file {str(path)!r}: token {s!r} has id {i!r}; ids are integers >= 0")
+            raise UserError(f"vocab file {str(path)!r}: token {s!r} has id {i!r}; ids are integers >= 0")
         if i in vocab:
-            raise ValueError(f"vocab file {str(path)!r}: id {i} is used twice; each id must name one token")
+            raise UserError(f"vocab file {str(path)!r}: id {i} is used twice; each id must name one token")
         vocab[i] = s.encode("utf-8") if s in specials else str_to_token(s, str(path))
     return vocab
 
@@ -98,7 +100,7 @@ def read_gpt2_merges(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
                 continue
             parts = line.split(" ")
             if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise ValueError(
+                raise UserError(
                     f"merges file {str(path)!r} line {lineno}: {line!r} is not two tokens separated by one space; "
                     f"fix or remove that line"
                 )
@@ -115,7 +117,7 @@ def vocab_json(vocab: dict[int, bytes], special_tokens: Sequence[str]) -> dict[s
     for i in sorted(vocab):
         s = specials[vocab[i]] if i in special_ids else token_to_str(vocab[i])
         if s in out:
-            raise ValueError(
+            raise UserError(
                 f"token {s!r} (ids {out[s]} and {i}) would appear twice in vocab.json; "
                 f"a special token collides with the byte-level spelling of a regular token: rename the special"
             )
@@ -181,17 +183,17 @@ def read_config(directory: Path) -> list[str]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-save the tokenizer") from None
+        raise UserError(f"{str(path)!r} is not valid JSON ({e}); re-save the tokenizer") from None
     if cfg.get("type") != "byte_level_bpe":
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r}: type {cfg.get('type')!r} is not 'byte_level_bpe'; this loader reads only that"
         )
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r}: format_version {cfg.get('format_version')!r} is not {FORMAT_VERSION}; "
             f"re-save it with this version of dist_lm"
         )
     specials = cfg.get("special_tokens", [])
     if not isinstance(specials, list) or not all(isinstance(s, str) and s for s in specials):
-        raise ValueError(f"{str(path)!r}: special_tokens must be a list of non-empty strings, got {specials!r}")
+        raise UserError(f"{str(path)!r}: special_tokens must be a list of non-empty strings, got {specials!r}")
     return specials

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import regex
 
+from dist_lm.errors import UserError
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Same matches as GPT2_PATTERN (module docstring); the common case, a word, is the first alternative.
 FAST_PATTERN = r""" ?\p{L}+| ?\p{N}+|'(?:[stmd]|re|ve|ll)| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -196,7 +198,7 @@ def iter_file_text(path: str | os.PathLike, start: int, end: int) -> Iterator[st
             try:
                 yield decoder.decode(data, final=offset + len(data) >= end)
             except UnicodeDecodeError as e:
-                raise ValueError(
+                raise UserError(
                     f"{path}: invalid UTF-8 near byte {offset + e.start}; the corpus must be UTF-8 text "
                     f"(convert it with `iconv -t UTF-8` or drop the bad bytes)"
                 ) from e

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from dist_lm.errors import UserError
 from dist_lm.tokenizer.pretokenize import count_chunk, find_chunk_boundaries
 
 logger = logging.getLogger(__name__)
@@ -82,16 +83,16 @@ def validate_special_tokens(special_tokens: Sequence[str]) -> list[str]:
     specials = list(special_tokens)
     for s in specials:
         if not isinstance(s, str) or not s:
-            raise ValueError(f"special token {s!r} must be a non-empty string")
+            raise UserError(f"special token {s!r} must be a non-empty string")
     if len(set(specials)) != len(specials):
         dup = sorted({s for s in specials if specials.count(s) > 1})
-        raise ValueError(f"special tokens {dup} are listed twice; list each once")
+        raise UserError(f"special tokens {dup} are listed twice; list each once")
     for a in specials:
         for b in specials:
             if a != b and b.startswith(a):
                 # For encoding, overlaps resolve longest-first; for training we refuse, since a prefix
                 # special makes "where does this document end" depend on lookahead across chunk cuts.
-                raise ValueError(
+                raise UserError(
                     f"special token {a!r} is a prefix of {b!r}; training needs prefix-free specials "
                     f"(rename one, e.g. {a[:-1] + '_' + a[-1:]!r})"
                 )
@@ -245,22 +246,22 @@ def train_bpe_with_stats(
         raise FileNotFoundError(f"corpus {path!r} does not exist; pass the path of a UTF-8 text file")
     min_size = 256 + len(specials)
     if not isinstance(vocab_size, int) or vocab_size < min_size:
-        raise ValueError(
+        raise UserError(
             f"vocab_size={vocab_size!r} is below 256 bytes + {len(specials)} special token(s) = {min_size}; "
             f"ask for at least {min_size}"
         )
     if os.path.getsize(path) == 0:
-        raise ValueError(f"corpus {path!r} is empty; pass a file with text in it")
+        raise UserError(f"corpus {path!r} is empty; pass a file with text in it")
     if num_workers is None:
         num_workers = os.cpu_count() or 1
     if num_workers < 1:
-        raise ValueError(f"num_workers={num_workers} must be >= 1 (or None for all cores)")
+        raise UserError(f"num_workers={num_workers} must be >= 1 (or None for all cores)")
 
     t0 = time.perf_counter()
     counts = count_pretokens(path, specials, num_workers, progress)
     t1 = time.perf_counter()
     if not counts:
-        raise ValueError(f"corpus {path!r} has no text outside special tokens; pass a file with text in it")
+        raise UserError(f"corpus {path!r} has no text outside special tokens; pass a file with text in it")
 
     first_id = 256 + len(specials)
     id_merges, words, freqs = merge_words(counts, vocab_size - first_id, first_id, progress)

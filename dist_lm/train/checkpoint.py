@@ -33,6 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dist_lm.errors import UserError
+
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -64,7 +66,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     existing = list_checkpoints(run_dir)
     if not resume:
         if existing:
-            raise ValueError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass "
+            raise UserError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass "
                              "train.resume=latest to continue that run, or set name=/run_dir= to start a new one")
         return None
     if resume == "latest":
@@ -75,7 +77,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     path = Path(resume)
     later = [p for p in existing if p.name > path.name]
     if path.resolve().parent == (Path(run_dir) / CHECKPOINTS).resolve() and later:
-        raise ValueError(f"{run_dir} holds checkpoints after {path.name} (up to {later[-1].name}); resuming from "
+        raise UserError(f"{run_dir} holds checkpoints after {path.name} (up to {later[-1].name}); resuming from "
                          f"{path.name} here would mix two runs: delete the later ones, or resume into a new run_dir")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass train.resume=latest or an "
@@ -138,7 +140,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"checkpoint file {path} is corrupt ({exc}); delete {path.parent} and resume from an "
+        raise UserError(f"checkpoint file {path} is corrupt ({exc}); delete {path.parent} and resume from an "
                          "earlier checkpoint") from None
 
 
@@ -150,14 +152,14 @@ def load_state(path: str | Path, required: tuple[str, ...] = ("step",)) -> dict[
     try:
         state = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is corrupt ({exc.msg}); delete {path} and resume from an earlier "
+        raise UserError(f"{file} is corrupt ({exc.msg}); delete {path} and resume from an earlier "
                          "checkpoint") from None
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version {state.get('format_version')!r}; this dist_lm reads "
+        raise UserError(f"{file} has format_version {state.get('format_version')!r}; this dist_lm reads "
                          f"{FORMAT_VERSION}")
     missing = [k for k in required if k not in state]
     if missing:
-        raise ValueError(f"{file} is incomplete (no {missing[0]!r}); delete {path} and resume from an earlier "
+        raise UserError(f"{file} is incomplete (no {missing[0]!r}); delete {path} and resume from an earlier "
                          "checkpoint")
     return state
 
@@ -183,7 +185,7 @@ def load_model_weights(model: torch.nn.Module, model_state: dict[str, torch.Tens
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"{bad_shape[0]} has shape {tuple(model_state[bad_shape[0]].shape)}, the model "
                        f"{tuple(expected[bad_shape[0]].shape)}")
-        raise ValueError(f"checkpoint {source} does not fit the configured model ({detail}); use the config "
+        raise UserError(f"checkpoint {source} does not fit the configured model ({detail}); use the config "
                          "stored in the checkpoint's state.json")
     model.load_state_dict(model_state)
 
@@ -237,7 +239,7 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, param_names: list[s
     """Inverse of optimizer_to_tensors; checks that the checkpoint's parameters are the optimizer's."""
     saved_names = [n for g in groups for n in g["param_names"]]
     if sorted(saved_names) != sorted(param_names) or len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"optimizer state in {source} is for other parameters than the model's; use the config "
+        raise UserError(f"optimizer state in {source} is for other parameters than the model's; use the config "
                          "stored in the checkpoint's state.json")
     index = {name: i for i, name in enumerate(param_names)}
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dist_lm.errors import UserError
+
 RESULT_METRICS = ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu")
 
 
@@ -24,7 +26,7 @@ def collect_runs(uri: str, experiment: str, max_runs: int = 20) -> list[dict[str
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: {names or 'none'}")
+        raise UserError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: {names or 'none'}")
     runs = []
     for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs):
         histories = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))

@@ -39,9 +39,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dist_lm.config import RunConfig
+from dist_lm.errors import UserError
 from dist_lm.model.transformer import TransformerBlock
 
-CompileMode = Literal["model", "blocks"]
+CompileMode = Literal["model", "blocks", "cudagraphs"]
+COMPILE_MODES = ("model", "blocks", "cudagraphs")
 
 
 def _checkpointed(forward):
@@ -58,7 +60,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     """Recompute each of `model.blocks` in the backward instead of storing its activations; in place."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no .blocks; activation checkpointing wraps each block")
+        raise UserError(f"{type(model).__name__} has no .blocks; activation checkpointing wraps each block")
     for block in blocks:
         if getattr(block.forward, "_dist_lm_checkpointed", False):
             continue  # applying twice would nest two recomputations
@@ -68,14 +70,21 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_compile(model: torch.nn.Module, mode: CompileMode = "model") -> torch.nn.Module:
-    """Compile the whole model (returns a wrapper sharing its parameters) or each block in place."""
+    """Compile the whole model (returns a wrapper sharing its parameters) or each block in place.
+
+    "cudagraphs" is the whole model with inductor's CUDA graphs (torch.compile mode="reduce-overhead"): the
+    forward and backward replay as graphs, without per-kernel host launches. Experimental: measured only in
+    benchmarks/bench_train.py so far; callers mark each step with torch.compiler.cudagraph_mark_step_begin().
+    On the CPU, inductor skips the graphs and it is the "model" mode."""
     if mode == "model":
         return torch.compile(model)
+    if mode == "cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
     if mode == "blocks":
         for block in model.blocks:
             block.compile()
         return model
-    raise ValueError(f"compile mode {mode!r} is unknown; use 'model' or 'blocks'")
+    raise UserError(f"compile mode {mode!r} is unknown; use one of {COMPILE_MODES}")
 
 
 @dataclass(frozen=True)
@@ -97,10 +106,10 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
-        raise ValueError("FSDP needs an initialised process group; launch with accelerate launch or torchrun")
+        raise UserError("FSDP needs an initialised process group; launch with accelerate launch or torchrun")
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7):
         # public fully_shard (2.6) and distribute_tensor(src_data_rank=None), used to reload shards (2.7)
-        raise ValueError(f"FSDP2 in dist_lm needs torch >= 2.7, this is {torch.__version__}; upgrade torch or "
+        raise UserError(f"FSDP2 in dist_lm needs torch >= 2.7, this is {torch.__version__}; upgrade torch or "
                          "train with DDP (configs/accelerate/ddp.yaml)")
     mesh = options.mesh
     if mesh is None:
@@ -109,7 +118,7 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no TransformerBlock to shard")
+        raise UserError(f"{type(model).__name__} has no TransformerBlock to shard")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
     # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.

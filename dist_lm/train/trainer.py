@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
 from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, load_manifest, prepare_shards
+from dist_lm.errors import UserError
 from dist_lm.model import TransformerLM, generate
 from dist_lm.optim import AdamW, clip_grad_norm, cosine_with_warmup, param_groups
 from dist_lm.tokenizer import load_tokenizer
@@ -102,7 +103,7 @@ def train(cfg: RunConfig) -> TrainResult:
         load_model_weights(model, ckpt.model_state, resume_from)
         start_step = ckpt.state["step"]
         if start_step >= t.max_steps:
-            raise ValueError(f"checkpoint {resume_from} is at step {start_step}, not before train.max_steps="
+            raise UserError(f"checkpoint {resume_from} is at step {start_step}, not before train.max_steps="
                              f"{t.max_steps}: nothing to train; raise train.max_steps to continue the run")
         run_id = ckpt.state.get("mlflow_run_id")
         batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
@@ -318,7 +319,7 @@ def _open_data(cfg: RunConfig, accelerator: Accelerator):
     data_dir = Path(d.data_dir)
     tokenizer = load_tokenizer(d.tokenizer_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+        raise UserError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} ids ({d.tokenizer_dir}); set model.vocab_size >= "
                          f"{tokenizer.vocab_size}")
     if not (data_dir / "manifest.json").exists():
@@ -345,17 +346,17 @@ def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str, 
     ours = config_to_dict(cfg)
     diff = [k for k in _SHAPE_FIELDS if ours["model"][k] != saved["model"].get(k)]
     if diff:
-        raise ValueError(f"checkpoint {path} was trained with model.{diff[0]}={saved['model'].get(diff[0])!r}, the "
+        raise UserError(f"checkpoint {path} was trained with model.{diff[0]}={saved['model'].get(diff[0])!r}, the "
                          f"config says {ours['model'][diff[0]]!r}; resume with the same model config")
     if state.get("tokenizer_fingerprint") != fingerprint:
-        raise ValueError(f"checkpoint {path} was trained with another tokenizer than data.tokenizer_dir="
+        raise UserError(f"checkpoint {path} was trained with another tokenizer than data.tokenizer_dir="
                          f"{cfg.data.tokenizer_dir}; point data.tokenizer_dir at the original tokenizer")
     if saved["train"]["seed"] != cfg.train.seed:
-        raise ValueError(f"checkpoint {path} was trained with train.seed={saved['train']['seed']}, the config says "
+        raise UserError(f"checkpoint {path} was trained with train.seed={saved['train']['seed']}, the config says "
                          f"{cfg.train.seed}; the seed fixes the data order, so resume with the same seed")
     saved_tokens = state["data"].get("num_train_tokens")
     if saved_tokens is not None and saved_tokens != num_train_tokens:
-        raise ValueError(f"checkpoint {path} was trained on {saved_tokens:,} training tokens, data.data_dir="
+        raise UserError(f"checkpoint {path} was trained on {saved_tokens:,} training tokens, data.data_dir="
                          f"{cfg.data.data_dir} holds {num_train_tokens:,}; resume on the same token shards")
 
 
@@ -368,10 +369,10 @@ def _fsdp_options(accelerator: Accelerator) -> FSDPOptions | None:
         return None
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 1) != 2:
-        raise ValueError("the accelerate config asks for FSDP version 1; dist_lm shards with FSDP2: set "
+        raise UserError("the accelerate config asks for FSDP version 1; dist_lm shards with FSDP2: set "
                          "fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
     if accelerator.mixed_precision == "fp16":
-        raise ValueError("FSDP2 with fp16 needs a sharded gradient scaler, which dist_lm does not have; use "
+        raise UserError("FSDP2 with fp16 needs a sharded gradient scaler, which dist_lm does not have; use "
                          "mixed_precision bf16")
     dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward))
