@@ -429,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="compiled configurations only, 15 timed steps, parity 50")
     p.add_argument("--steps", type=int, default=25, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
-    p.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
+    p.add_argument("--compile-mode", choices=("model", "blocks", "cudagraphs"), default="model",
                    help="dist_lm compile granularity for 1 GPU and DDP (FSDP2 always compiles blocks)")
     p.add_argument("--hf-fsdp-compile", choices=("before-prepare", "regional"), default="before-prepare",
                    help="HF FSDP2 anchor: torch.compile before prepare, or Accelerate's regional compilation")

@@ -11,7 +11,8 @@ grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), A
   inside, so its loss covers T-1 positions of the same tokens).
 - dist_lm: TransformerLM(attention_backend="auto", fused_loss=True), dist_lm AdamW(fused=True) over
   dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.train.parallel.apply_parallelism
-  for compilation (`--compile-mode model|blocks`, `--activation-checkpointing`): what train() runs.
+  for compilation (`--compile-mode model|blocks|cudagraphs`, `--activation-checkpointing`): what train() runs
+  (cudagraphs: experimental, not in the trainer yet).
 Both see the same random tokens (one fixed batch; the work does not depend on the values).
 
 Measured: compile/warm-up wall time (the first `--warmup` steps, synchronised), then `--steps` steps between
@@ -40,7 +41,7 @@ from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import apply_parallelism  # noqa: E402
+from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 # name: (model config kwargs, batch size)
@@ -97,7 +98,11 @@ def build(system: str, cfg: ModelConfig, compile_mode: str, checkpointing: bool,
     opt = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=True)
     model = apply_parallelism(raw, run_cfg, compile_mode=compile_mode)
 
+    graphs = compiled and compile_mode == "cudagraphs"
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(x, y)
         loss.backward()
@@ -223,7 +228,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per system")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--quick", action="store_true", help="tinystories only, 10 timed steps, 3 warm-up")
-    parser.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="model",
                         help="dist_lm compile granularity (dist_lm.train.parallel.apply_compile)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="both systems recompute blocks")
     parser.add_argument("--no-clip", action="store_true", help="skip grad-norm clipping in both systems")

@@ -1,7 +1,7 @@
 """One configuration of benchmarks/bench_scaling.py: the per-process worker, started by `accelerate launch`.
 
 usage: python -m accelerate.commands.launch --config_file X.yaml --num_processes N benchmarks/scaling_step.py
-       --system {dist_lm,hf} --shape SHAPE [--no-compile] [--compile-mode model|blocks] [DDP knobs] [--dry-run]
+       --system {dist_lm,hf} --shape SHAPE [--no-compile] [--compile-mode model|blocks|cudagraphs] [DDP knobs]
 
 Rank 0 prints one line `SCALING_ROW {json}` at the end: tokens/s per GPU (the median of up to 5 timed windows,
 each window's time that of its slowest rank), every window's step time, peak memory (max over ranks), warm-up
@@ -60,7 +60,7 @@ from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import apply_parallelism  # noqa: E402
+from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
 from dist_lm.train.trainer import _fsdp_options, _to_device  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=0, help="sequences per GPU per micro-step (0: the shape's)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--no-compile", action="store_true", help="eager (default: compiled)")
-    p.add_argument("--compile-mode", choices=("model", "blocks"), default="model",
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="model",
                    help="dist_lm compile granularity without FSDP (FSDP2 always compiles blocks)")
     p.add_argument("--hf-compile", choices=("before-prepare", "accelerate"), default="before-prepare",
                    help="HF: torch.compile the model before prepare, or leave it to the launcher config's dynamo "
@@ -165,7 +165,11 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     lr = HYPER["lr"]
 
     # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
+    graphs = not args.no_compile and fsdp is None and args.compile_mode == "cudagraphs"
+
     def step() -> torch.Tensor:
+        if graphs:  # experimental (not in the trainer): a new iteration for inductor's CUDA graph trees
+            torch.compiler.cudagraph_mark_step_begin()
         for group in optimizer.param_groups:
             group["lr"] = lr  # the trainer sets the scheduled lr each step; a constant here
         model.train()

@@ -132,7 +132,8 @@ def _cfg(**model) -> RunConfig:
     return cfg
 
 
-@pytest.mark.parametrize("compile_mode,checkpointing", [("model", False), ("blocks", False), ("model", True)])
+@pytest.mark.parametrize("compile_mode,checkpointing",
+                         [("model", False), ("blocks", False), ("model", True), ("cudagraphs", False)])
 def test_compiled_bf16_steps_match_eager(compile_mode, checkpointing):
     cfg = _cfg()
     torch.manual_seed(0)
@@ -148,6 +149,8 @@ def test_compiled_bf16_steps_match_eager(compile_mode, checkpointing):
         y = torch.randint(0, 1000, (8, 128), device="cuda", generator=g)
         losses = []
         for model, opt in zip((eager, compiled), opts, strict=True):
+            if model is compiled and compile_mode == "cudagraphs":
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x, y)
             loss.backward()
