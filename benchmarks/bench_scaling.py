@@ -143,6 +143,8 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--compile-after-ddp", args.compile_after_ddp), ("--profile", args.profile)) if on]
     if args.comm_hook != "none":
         out += ["--comm-hook", args.comm_hook]
+    if args.fsdp_unit != "block":
+        out += ["--fsdp-unit", args.fsdp_unit]
     if args.dry_run:
         out += ["--mixed-precision", "no"]
     return out
@@ -168,6 +170,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append("compiled after DDP")
     if topology == "fsdp" and not args.reshard_after_forward:
         parts.append("no reshard after forward")
+    if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "model":
+        parts.append("whole model one unit")
     if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
         parts.append("regional compile")
     if args.h2d and system == "dist_lm":
@@ -442,6 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dist_lm DDP: torch.compile the DDP wrapper instead of DDP around the compiled model")
     p.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false",
                    help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
+    p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
+                   help="dist_lm FSDP2 unit: each block, or the whole model (train.fsdp_unit)")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--h2d", action="store_true", help="dist_lm copies a host batch per micro-step (trainer path)")
     p.add_argument("--no-clip", action="store_true", help="no gradient clipping in either system")

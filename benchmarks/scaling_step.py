@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: wrap in DDP first, then torch.compile the wrapper (dynamo's DDPOptimizer "
                         "splits the graph at bucket boundaries), instead of DDP around the compiled model")
+    p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
+                   help="dist_lm FSDP2: each block its own unit, or the whole model one (train.fsdp_unit)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 3 steps: GPU busy time, NCCL time and how much of it is exposed")
     p.add_argument("--tag", default="", help="free text copied into the row (the driver's run label)")
@@ -144,7 +146,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     run_cfg.train.compile = not args.no_compile
     run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
     raw = TransformerLM(cfg)
-    fsdp = _fsdp_options(accelerator)
+    fsdp = _fsdp_options(accelerator, unit=args.fsdp_unit)
     after_ddp = args.compile_after_ddp and fsdp is None and not args.no_compile
     if after_ddp:
         run_cfg.train.compile = False  # compiled below, around the DDP wrapper

@@ -25,6 +25,7 @@ from dist_lm.errors import UserError
 
 AttentionBackend = Literal["auto", "triton", "sdpa", "reference"]
 MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
+FSDPUnit = Literal["block", "model"]
 
 
 @dataclass
@@ -129,6 +130,12 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in the backward pass: less memory, about a third more
     compute."""
+    fsdp_unit: FSDPUnit = "block"
+    """Under FSDP2 (an accelerate config with distributed_type FSDP): what one all-gather covers. block: each
+    Transformer block is its own unit (gathered just before it runs: the least memory, ~3 collectives per block
+    per step); model: the whole model is one unit (optimizer state, master weights and gradients stay
+    sharded, the bf16 weights are gathered once per step: far fewer collectives and hooks, for models whose
+    blocks are too small to hide them)."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20

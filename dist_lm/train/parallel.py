@@ -97,6 +97,8 @@ class FSDPOptions:
     """Free each block's gathered parameters after its forward (gather again in the backward)."""
     mesh: object | None = None
     """A 1-D DeviceMesh over the ranks; None builds one over the default process group."""
+    unit: str = "block"
+    """"block": fully_shard each TransformerBlock, then the root; "model": the root only (one unit)."""
 
 
 def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
@@ -116,6 +118,13 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)
+    if options.unit not in ("block", "model"):
+        raise UserError(f"FSDP unit {options.unit!r} is unknown; use 'block' or 'model' (train.fsdp_unit)")
+    if options.unit == "model":
+        # One unit: a single all-gather of the bf16 weights before the forward, one reduce-scatter after the
+        # backward; reshard_after_forward decides whether the backward gathers them again.
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+        return model
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     if not blocks:
         raise UserError(f"{type(model).__name__} has no TransformerBlock to shard")

@@ -109,7 +109,7 @@ def train(cfg: RunConfig) -> TrainResult:
         batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
 
     raw_model = model  # parameters by their plain names; FSDP2 shards it in place
-    fsdp = _fsdp_options(accelerator)
+    fsdp = _fsdp_options(accelerator, unit=t.fsdp_unit)
     model = apply_parallelism(model, cfg, fsdp=fsdp)
     # The optimizer comes after sharding: under FSDP2 it must hold the sharded (DTensor) parameters.
     optimizer = AdamW(param_groups(raw_model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -143,7 +143,7 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,
                             "global_batch_size": cfg.global_batch_size(world)})
         tracker.log_artifact(str(run_dir / "config.yaml"))
-    topology = ("FSDP2" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
+    topology = (f"FSDP2, {fsdp.unit} units" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
         ", compiled" if t.compile else "")
     say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
         f"global batch {cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
@@ -360,7 +360,7 @@ def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str, 
                          f"{cfg.data.data_dir} holds {num_train_tokens:,}; resume on the same token shards")
 
 
-def _fsdp_options(accelerator: Accelerator) -> FSDPOptions | None:
+def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions | None:
     """FSDP2 settings from the accelerate config when launched with distributed_type FSDP, else None."""
     if accelerator.distributed_type != DistributedType.FSDP:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by accelerate launch
@@ -375,7 +375,7 @@ def _fsdp_options(accelerator: Accelerator) -> FSDPOptions | None:
         raise UserError("FSDP2 with fp16 needs a sharded gradient scaler, which dist_lm does not have; use "
                          "mixed_precision bf16")
     dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward))
+    return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward), unit=unit)
 
 
 def _save(cfg: RunConfig, accelerator: Accelerator, raw_model: TransformerLM, optimizer: torch.optim.Optimizer,

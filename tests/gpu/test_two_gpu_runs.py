@@ -76,7 +76,7 @@ def resumable_copy(run_dir: Path, dest: Path) -> Path:
 def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, shards):
     straight = tmp_path / "fsdp2"
     out = train(straight, shards, "fsdp.yaml")
-    assert "(FSDP2, compiled)" in out and "2 process(es)" in out, out[-2000:]
+    assert "(FSDP2, block units, compiled)" in out and "2 process(es)" in out, out[-2000:]
     ref = losses(straight)
     assert sorted(ref) == list(range(1, 31)) and ref[30] < ref[1] - 2.0  # it learns (ln 10000 = 9.2 at step 1)
 
@@ -90,13 +90,14 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
     model = TransformerLM(load_config(straight / "config.yaml").model)
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    # Resume from step 15 on one GPU (accumulation 2 keeps the global batch) and on two GPUs (FSDP2 again).
+    # Resume from step 15 on one GPU (accumulation 2 keeps the global batch) and on two GPUs (FSDP2 again, with
+    # the whole model as one unit: the consolidated checkpoint does not depend on how it was sharded).
     one = resumable_copy(straight, tmp_path / "resumed_1gpu")
     out = train(one, shards, "single.yaml", "train.resume=latest", "train.batch_size=16", "train.grad_accum_steps=2")
     assert "resuming at step 15" in out
     two = resumable_copy(straight, tmp_path / "resumed_2gpu")
-    out = train(two, shards, "fsdp.yaml", "train.resume=latest")
-    assert "resuming at step 15" in out and "(FSDP2, compiled)" in out
+    out = train(two, shards, "fsdp.yaml", "train.resume=latest", "train.fsdp_unit=model")
+    assert "resuming at step 15" in out and "(FSDP2, model units, compiled)" in out
     for resumed in (one, two):
         got = losses(resumed)
         assert sorted(got) == list(range(1, 31))

@@ -3,7 +3,7 @@
 It goes through the same functions as the trainer (apply_parallelism with FSDPOptions, our AdamW and
 clipping, the consolidated checkpoint writer), not through Accelerate, which turns FSDP off on the CPU.
 
-usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS [RESUME_CHECKPOINT]
+usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS UNIT [RESUME_CHECKPOINT]   (UNIT: block | model)
 """
 
 import json
@@ -50,9 +50,12 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
     raw = model
     model = apply_parallelism(model, CFG, fsdp=fsdp)
     if fsdp is not None:  # really sharded: every parameter is a DTensor holding 1/world of the rows
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
         assert all(isinstance(p, DTensor) for p in raw.parameters())
+        # block units: every block is its own FSDP unit; model units: only the root is
+        assert all(isinstance(b, FSDPModule) == (fsdp.unit == "block") for b in raw.blocks)
     opt = AdamW(param_groups(raw, 0.1), lr=1e-2)
     names = optimizer_param_names(opt, raw)
     if ckpt:
@@ -81,8 +84,8 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    out, steps = Path(sys.argv[1]), int(sys.argv[2])
-    resume = Path(sys.argv[3]) if len(sys.argv) > 3 else None
-    run(out, steps, resume, rank, world, FSDPOptions())
+    out, steps, unit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+    run(out, steps, resume, rank, world, FSDPOptions(unit=unit))
     dist.barrier()
     dist.destroy_process_group()

@@ -15,10 +15,11 @@ sys.path.insert(0, str(WORKER.parent))
 import fsdp_worker  # noqa: E402
 
 
-def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int = 2) -> dict[str, list[float]]:
+def torchrun(out: Path, steps: int, resume: Path | None = None, processes: int = 2,
+             unit: str = "block") -> dict[str, list[float]]:
     # --standalone: torchrun picks a free port itself (no bind-then-release race)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           str(WORKER), str(out), str(steps)] + ([str(resume)] if resume else [])
+           str(WORKER), str(out), str(steps), unit] + ([str(resume)] if resume else [])
     ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**checkout_env(), "OMP_NUM_THREADS": "1"}))
     return json.loads((out / "losses.json").read_text())
 
@@ -61,3 +62,11 @@ def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
     for run in (down, up):
         assert max(abs(a - b) for a, b in zip(ref_more["losses"], run["losses"], strict=True)) < 1e-5, (ref_more, run)
     assert_same_checkpoint(list_checkpoints(tmp_path / "ref_more")[-1], list_checkpoints(tmp_path / "up")[-1])
+
+
+def test_fsdp_with_the_whole_model_as_one_unit_matches_one_process(tmp_path):
+    ref = single(tmp_path / "ref", 3)
+    whole = torchrun(tmp_path / "whole", 3, unit="model")
+    assert max(abs(a - b) for a, b in zip(ref["losses"], whole["losses"], strict=True)) < 1e-5, (ref, whole)
+    assert max(abs(a - b) / b for a, b in zip(whole["grad_norms"], ref["grad_norms"], strict=True)) < 1e-5
+    assert_same_checkpoint(list_checkpoints(tmp_path / "ref")[-1], list_checkpoints(tmp_path / "whole")[-1])
