@@ -169,21 +169,24 @@ class AdamW(torch.optim.Optimizer):
             return False
         module, reason = _load_fused()
         params, grads, exp_avgs, exp_avg_sqs = ([_local(t) for t in ts] for ts in tensors) if module else tensors
-        if module is not None:
-            interpreter = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch: kernels run on CPU
-            if not (params[0].is_cuda or interpreter):
-                reason = f"parameters are on {params[0].device}, the kernel needs CUDA"
-            else:
-                reason = module.fused_adamw_supported(params + exp_avgs + exp_avg_sqs)
         plan = None
-        if not reason:
+        if module is not None:
+            # A cached plan holds these very tensors (same addresses, kept alive by the plan), checked when it
+            # was built: the per-tensor checks (~100 us of host time a step) run only for a new plan.
             key = module.plan_key(params, exp_avgs, exp_avg_sqs)
             plan = self._plans.get(key)
             if plan is None:
-                if len(self._plans) >= 16:  # stale plans (moved or re-created states) hold memory: drop them
-                    self._plans.clear()
-                plan = self._plans[key] = module.FusedAdamWPlan(params, exp_avgs, exp_avg_sqs)
-            reason = plan.set_grads(grads)
+                interpreter = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch: kernels on CPU
+                if not (params[0].is_cuda or interpreter):
+                    reason = f"parameters are on {params[0].device}, the kernel needs CUDA"
+                else:
+                    reason = module.fused_adamw_supported(params + exp_avgs + exp_avg_sqs)
+                if not reason:
+                    if len(self._plans) >= 16:  # stale plans (moved or re-created states) hold memory: drop them
+                        self._plans.clear()
+                    plan = self._plans[key] = module.FusedAdamWPlan(params, exp_avgs, exp_avg_sqs)
+            if plan is not None:
+                reason = plan.set_grads(grads)
         if reason:
             if self.fused:
                 _warn_once(f"AdamW(fused=True) runs the foreach path instead of the Triton kernel: {reason}")
