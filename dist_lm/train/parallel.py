@@ -24,7 +24,9 @@ Design decisions:
   have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside them.
 - FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, LM head), so each block's
   parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept
-  until the backward (False: more memory, one all-gather fewer per block). MixedPrecisionPolicy: params
+  until the backward (False: more memory, one all-gather fewer per block). With unit "model" only the root
+  is sharded: the bf16 weights are gathered once per step and kept until the backward ends, the fp32
+  master weights, gradients and optimizer state stay sharded (fewer hooks and collectives for small models). MixedPrecisionPolicy: params
   in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype) so the sum over ranks
   does not lose bits; the optimizer keeps fp32 master shards.
 """
@@ -121,9 +123,10 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     if options.unit not in ("block", "model"):
         raise UserError(f"FSDP unit {options.unit!r} is unknown; use 'block' or 'model' (train.fsdp_unit)")
     if options.unit == "model":
-        # One unit: a single all-gather of the bf16 weights before the forward, one reduce-scatter after the
-        # backward; reshard_after_forward decides whether the backward gathers them again.
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+        # One unit: a single all-gather of the bf16 weights before the forward, kept through the backward (a
+        # reshard would gather them all again; newer torch honours an explicit True on the root), then one
+        # reduce-scatter of the gradients. reshard_after_forward only concerns block units.
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         return model
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     if not blocks:

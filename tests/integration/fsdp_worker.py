@@ -28,7 +28,8 @@ from dist_lm.train.checkpoint import (
 )
 from dist_lm.train.parallel import FSDPOptions, apply_parallelism
 
-CFG = RunConfig(model=ModelConfig(vocab_size=64, seq_len=16, d_model=32, num_layers=2, num_heads=2))
+# vocab 67: the embedding and head rows split 34/33 over 2 ranks, so uneven shards are covered too.
+CFG = RunConfig(model=ModelConfig(vocab_size=65, seq_len=16, d_model=32, num_layers=2, num_heads=2))
 MAX_NORM = 0.5  # below the ~0.75 gradient norms of this model, so clipping scales the shards
 GLOBAL_BATCH = 8
 
@@ -49,9 +50,10 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
         start = ckpt.state["step"]
     raw = model
     model = apply_parallelism(model, CFG, fsdp=fsdp)
+    from torch.distributed.tensor import DTensor
+
     if fsdp is not None:  # really sharded: every parameter is a DTensor holding 1/world of the rows
         from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
 
         assert all(isinstance(p, DTensor) for p in raw.parameters())
         # block units: every block is its own FSDP unit; model units: only the root is
@@ -65,6 +67,8 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
     for step in range(start, start + steps):
         data = batch(step)[rank * per_rank:(rank + 1) * per_rank]
         loss = model(data[:, :-1], data[:, 1:])
+        if fsdp is not None and fsdp.unit == "model":  # gathered once, kept for the backward (no reshard)
+            assert not any(isinstance(p, DTensor) for p in raw.parameters())
         loss.backward()
         norms.append(float(full_tensor(clip_grad_norm(model.parameters(), MAX_NORM))))
         opt.step()

@@ -30,15 +30,19 @@ def single(out: Path, steps: int, resume: Path | None = None) -> dict[str, list[
     return json.loads((out / "losses.json").read_text())
 
 
-def assert_same_checkpoint(a: Path, b: Path, tol: float = 1e-5) -> None:
+def assert_same_checkpoint(a: Path, b: Path, tol: float = 1e-5, weight_tol: float = 1e-4) -> None:
+    """Optimizer moments within `tol`; weights within `weight_tol`: Adam's m / sqrt(v) turns rounding-level
+    gradient differences (another reduction order over shards) into up to lr-sized weight differences where
+    a gradient is near 0, so weights are compared at 1% of one step (lr 1e-2); measured 1.4e-5 at most."""
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     assert ca.model_state.keys() == cb.model_state.keys()
     for key in ca.model_state:
-        torch.testing.assert_close(ca.model_state[key], cb.model_state[key], atol=tol, rtol=tol, msg=key)
+        torch.testing.assert_close(ca.model_state[key], cb.model_state[key], atol=weight_tol, rtol=0,
+                                   msg=lambda m, key=key: f"{key}: {m}")
     assert ca.optimizer_tensors.keys() == cb.optimizer_tensors.keys()
     for key in ca.optimizer_tensors:
         torch.testing.assert_close(ca.optimizer_tensors[key], cb.optimizer_tensors[key], atol=tol, rtol=tol,
-                                   msg=key)
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
