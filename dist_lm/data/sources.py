@@ -60,6 +60,14 @@ def iter_documents(source: str, split: str, *, text_field: str = "text",
 
 
 def _read_local(path: Path, text_field: str) -> Iterator[str]:
+    """Documents of a local file; a file that cannot be decoded is a UserError naming it."""
+    try:
+        yield from _read_local_documents(path, text_field)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+
+
+def _read_local_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".txt":
         yield from _iter_txt_documents(path)
     elif path.suffix == ".jsonl":
@@ -77,14 +85,18 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
                                      f"{sorted(row)}")
                 yield row[text_field]
     else:
-        import pyarrow.parquet as pq  # datasets depends on pyarrow
+        import pyarrow as pa  # datasets depends on pyarrow
+        import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(path)
-        if text_field not in table.schema_arrow.names:
-            raise UserError(f"{path} has no column {text_field!r}; set data.text_field to one of "
-                             f"{table.schema_arrow.names}")
-        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-            yield from batch.column(0).to_pylist()
+        try:
+            table = pq.ParquetFile(path)
+            if text_field not in table.schema_arrow.names:
+                raise UserError(f"{path} has no column {text_field!r}; set data.text_field to one of "
+                                f"{table.schema_arrow.names}")
+            for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+                yield from batch.column(0).to_pylist()
+        except pa.ArrowException as exc:
+            raise UserError(f"{path} is not a readable parquet file ({exc}); check or re-write it") from None
 
 
 def _iter_txt_documents(path: Path) -> Iterator[str]:

@@ -67,6 +67,11 @@ def _check_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} {str(path)!r} not found; train one with launch/train_tokenizer.py")
 
 
+def _not_utf8(path: Path, what: str, exc: UnicodeDecodeError) -> UserError:
+    return UserError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as "
+                     "UTF-8")
+
+
 def read_gpt2_vocab(path: str | os.PathLike, special_tokens: Sequence[str]) -> dict[int, bytes]:
     """vocab.json -> id -> bytes. Entries equal to a declared special are read literally."""
     path = Path(path)
@@ -75,6 +80,8 @@ def read_gpt2_vocab(path: str | os.PathLike, special_tokens: Sequence[str]) -> d
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"vocab file {str(path)!r} is not valid JSON ({e}); re-save it") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, "vocab file", e) from None
     if not isinstance(raw, dict):
         raise UserError(f"vocab file {str(path)!r} must be a JSON object token -> id")
     specials = set(special_tokens)
@@ -93,19 +100,22 @@ def read_gpt2_merges(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     path = Path(path)
     _check_file(path, "merges file")
     merges: list[tuple[bytes, bytes]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line or (lineno == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not parts[0] or not parts[1]:
-                raise UserError(
-                    f"merges file {str(path)!r} line {lineno}: {line!r} is not two tokens separated by one space; "
-                    f"fix or remove that line"
-                )
-            where = f"merges file {str(path)!r} line {lineno}"
-            merges.append((str_to_token(parts[0], where), str_to_token(parts[1], where)))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # as iterating the open file did (not splitlines)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, "merges file", e) from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line or (lineno == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise UserError(
+                f"merges file {str(path)!r} line {lineno}: {line!r} is not two tokens separated by one space; "
+                f"fix or remove that line"
+            )
+        where = f"merges file {str(path)!r} line {lineno}"
+        merges.append((str_to_token(parts[0], where), str_to_token(parts[1], where)))
     return merges
 
 
@@ -184,6 +194,8 @@ def read_config(directory: Path) -> list[str]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{str(path)!r} is not valid JSON ({e}); re-save the tokenizer") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, "tokenizer config", e) from None
     if cfg.get("type") != "byte_level_bpe":
         raise UserError(
             f"{str(path)!r}: type {cfg.get('type')!r} is not 'byte_level_bpe'; this loader reads only that"

@@ -73,6 +73,11 @@ def plot_losses(runs: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    formats = fig.canvas.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() not in formats:
+        plt.close(fig)
+        raise UserError(f"cannot write a plot to {str(path)!r}: the suffix picks the format; use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
     for i, r in enumerate(runs):
         color = f"C{i % 10}"
         label = r["name"] or r["run_id"][:8]

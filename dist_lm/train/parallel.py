@@ -23,12 +23,12 @@ Design decisions:
   Under FSDP2 the compile is per block, before sharding (torchtitan's recipe): a whole-model graph would
   have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside them.
 - FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, LM head), so each block's
-  parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept
-  until the backward (False: more memory, one all-gather fewer per block). With unit "model" only the root
-  is sharded: the bf16 weights are gathered once per step and kept until the backward ends, the fp32
-  master weights, gradients and optimizer state stay sharded (fewer hooks and collectives for small models). MixedPrecisionPolicy: params
-  in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype) so the sum over ranks
-  does not lose bits; the optimizer keeps fp32 master shards.
+  parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept until
+  the backward (False: more memory, one all-gather fewer per block). With unit "model" only the root is
+  sharded: the bf16 weights are gathered once per step and kept until the backward ends, the fp32 master
+  weights, gradients and optimizer state stay sharded (fewer hooks and collectives for small models).
+  MixedPrecisionPolicy: params in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype)
+  so the sum over ranks does not lose bits; the optimizer keeps fp32 master shards.
 """
 
 from __future__ import annotations

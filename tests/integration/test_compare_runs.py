@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, checkout_env, ok
 
 from dist_lm.train.tracking import MlflowTracker
@@ -31,3 +32,12 @@ def test_table_and_plot_from_a_real_store(tmp_path):
                            "--tracking-uri", uri], capture_output=True, text=True, timeout=120,
                           env=checkout_env())
     assert proc.returncode == 2 and "no MLflow experiment 'nope'" in proc.stderr and "cmp" in proc.stderr
+
+
+def test_plot_to_an_unknown_format_is_a_user_error(tmp_path):
+    from dist_lm.errors import UserError
+    from dist_lm.train.compare import plot_losses
+
+    with pytest.raises(UserError, match=r"losses\.xyz.*\.png"):
+        plot_losses([], tmp_path / "losses.xyz")
+    assert not (tmp_path / "losses.xyz").exists()

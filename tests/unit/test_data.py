@@ -12,6 +12,7 @@ import torch
 
 from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, iter_documents, load_manifest
 from dist_lm.data.shards import prepare_shards
+from dist_lm.errors import UserError
 from dist_lm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,17 @@ def test_jsonl_source_and_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(ValueError, match="accepted: .txt, .jsonl, .parquet"):
         iter_documents(str(tmp_path / "x.csv"), "train")
+
+
+def test_undecodable_local_files_are_user_errors(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text .* convert it to UTF-8"):
+        list(iter_documents(str(latin1), "train", val_fraction=0.5))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(UserError, match="broken.parquet is not a readable parquet file"):
+        list(iter_documents(str(broken), "train", val_fraction=0.5))
 
 
 def test_dataset_directory_goes_through_the_hub_code(tmp_path):

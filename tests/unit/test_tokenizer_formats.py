@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_lm.errors import UserError
 from dist_lm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from dist_lm.tokenizer.formats import bytes_to_unicode
 
@@ -123,6 +124,13 @@ def test_missing_and_inconsistent_files(tmp_path, small):
     (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     with pytest.raises(ValueError, match="256 bytes"):
         load_tokenizer(d)
+
+    # files that are not UTF-8, or not JSON: one UserError naming the file
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json"):
+        small.save(d)
+        (d / name).write_bytes(b"\xff\xfe not utf-8 \xe9")
+        with pytest.raises(UserError, match=name.replace(".", r"\.")):
+            load_tokenizer(d)
 
 
 def test_shipped_card_matches_files():
