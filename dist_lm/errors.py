@@ -3,6 +3,9 @@
 Design decision: a subclass of ValueError, so library callers that catch ValueError keep working, while
 dist_lm.cli.run_main catches only this (plus missing/existing files and a diverged loss). A ValueError from a
 bug, in dist_lm or in a library it calls, then keeps its traceback instead of being reduced to one line.
+Checks that only code can fail (tensor shapes passed between our own functions, the KV cache's length, a
+fused-kernel plan's tensors) stay plain ValueError for that reason; third-party errors caused by a user's file
+(not UTF-8, not parquet, not JSON) are caught where the file is read and re-raised as UserError naming it.
 """
 
 

@@ -40,8 +40,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dist_lm.errors import UserError
-
 _CHUNK_ELEMENTS = 1 << 27  # default budget: rows * vocab of one chunk's fp32 logits
 
 
@@ -170,19 +168,19 @@ def linear_cross_entropy(
     True
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise UserError(f"hidden {tuple(hidden.shape)} must be (N, d) and weight {tuple(weight.shape)} (V, d) "
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be (N, d) and weight {tuple(weight.shape)} (V, d) "
                          "with the same d; flatten (B, T, d) to (B*T, d) first")
     if targets.shape != hidden.shape[:1]:
-        raise UserError(f"targets {tuple(targets.shape)} must be ({hidden.shape[0]},), one id per hidden row")
+        raise ValueError(f"targets {tuple(targets.shape)} must be ({hidden.shape[0]},), one id per hidden row")
     if chunk_size is not None and chunk_size < 1:
-        raise UserError(f"chunk_size={chunk_size} must be >= 1 (or None for the default)")
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None for the default)")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     elif hidden.dtype == weight.dtype:
         compute_dtype = hidden.dtype
     else:
-        raise UserError(f"hidden is {hidden.dtype} and weight {weight.dtype}; cast one, or run under autocast")
+        raise ValueError(f"hidden is {hidden.dtype} and weight {weight.dtype}; cast one, or run under autocast")
     num_rows = hidden.shape[0]
     chunk = chunk_size or default_chunk_size(num_rows, weight.shape[0])
     grad_on = torch.is_grad_enabled()

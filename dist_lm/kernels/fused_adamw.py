@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_lm.errors import UserError
-
 BLOCK = 4096  # elements per program: 16 KiB per tensor stream; 8 warps -> 16 elements (4 x 16 B) per thread
 NUM_WARPS = 8
 
@@ -131,7 +129,7 @@ class FusedAdamWPlan:
                  exp_avg_sqs: list[torch.Tensor]) -> None:
         reason = fused_adamw_supported(params + exp_avgs + exp_avg_sqs)
         if reason:
-            raise UserError(f"fused AdamW cannot take these tensors: {reason}")
+            raise ValueError(f"fused AdamW cannot take these tensors: {reason}")
         device = params[0].device
         self.tensors = (list(params), list(exp_avgs), list(exp_avg_sqs))
         self.device = device
@@ -175,7 +173,7 @@ class FusedAdamWPlan:
             return
         reason = self.set_grads(grads)
         if reason:
-            raise UserError(f"fused AdamW cannot take these gradients: {reason}")
+            raise ValueError(f"fused AdamW cannot take these gradients: {reason}")
         # Folded in double precision on the host, as adamw_step does; cast to fp32 at the launch.
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5

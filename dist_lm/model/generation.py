@@ -37,7 +37,7 @@ class KVCache:
         """Store k, v (B, H, T, D) at positions pos ... pos + T - 1 and return all keys and values so far."""
         end = self.pos + k.shape[-2]
         if end > self.max_len:
-            raise UserError(f"KV cache holds {self.max_len} positions; cannot store up to position {end}")
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot store up to position {end}")
         buf_k = self._k[layer_id]
         shape = (*k.shape[:2], self.max_len, k.shape[-1])
         if buf_k is None or buf_k.shape != shape or buf_k.dtype != k.dtype or buf_k.device != k.device:

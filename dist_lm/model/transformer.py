@@ -195,7 +195,7 @@ class TransformerLM(nn.Module):
         With a KV cache, idx holds only the new tokens; they sit at positions cache.pos ... cache.pos + T - 1.
         """
         if idx.dim() != 2:
-            raise UserError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.seq_len:
@@ -218,7 +218,7 @@ class TransformerLM(nn.Module):
     def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean CE over non-ignored targets: chunked LM head + CE (cfg.fused_loss), or full logits then CE."""
         if targets.shape != x.shape[:2]:
-            raise UserError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(x.shape[:2])}")
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(x.shape[:2])}")
         if self.cfg.fused_loss:
             # (B*T, d) rows x (V, d) head: logits only ever exist one chunk of rows at a time
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100)

@@ -22,7 +22,7 @@ def cosine_with_warmup(step: int, max_lr: float, min_lr: float, warmup_steps: in
     [0.0, 0.5, 1.0, 0.55, 0.1, 0.1]
     """
     if step < 0:
-        raise UserError(f"step={step} must be >= 0")
+        raise ValueError(f"step={step} must be >= 0")
     if not 0 <= warmup_steps <= cosine_steps:
         raise UserError(
             f"warmup_steps={warmup_steps} must be in [0, cosine_steps={cosine_steps}]; warmup cannot outlast the cosine"

@@ -62,7 +62,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     """Recompute each of `model.blocks` in the backward instead of storing its activations; in place."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise UserError(f"{type(model).__name__} has no .blocks; activation checkpointing wraps each block")
+        raise ValueError(f"{type(model).__name__} has no .blocks; activation checkpointing wraps each block")
     for block in blocks:
         if getattr(block.forward, "_dist_lm_checkpointed", False):
             continue  # applying twice would nest two recomputations
@@ -130,7 +130,7 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
         return model
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     if not blocks:
-        raise UserError(f"{type(model).__name__} has no TransformerBlock to shard")
+        raise ValueError(f"{type(model).__name__} has no TransformerBlock to shard")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
     # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.
