@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result, log = Path(tmp) / "rows.csv", Path(tmp) / "nccl.log"
         # NCCL writes its INFO lines to the file named here; read back for the transport between the GPUs.
-        os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,P2P,SHM,NET", NCCL_DEBUG_FILE=str(log))
+        # One file per process (%h host, %p pid): ranks writing one file would interleave their lines.
+        os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,P2P,SHM,NET",
+                          NCCL_DEBUG_FILE=str(log) + ".%h.%p")
         mp.spawn(_worker, args=(world, sizes, args.port, str(result), args.dry_run), nprocs=world, join=True)
         rows = [line.split(",") for line in result.read_text().splitlines()]
         logs = "".join(f.read_text(errors="replace") for f in Path(tmp).glob("nccl.log*"))

@@ -296,11 +296,11 @@ def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path
 
 
 def profile_line(prof: dict) -> str:
-    """One rank-0 profile (scaling_step.profile_summary) as text: where a step's GPU time went."""
+    """One rank's profile (scaling_step.profile_summary) as text: where a step's GPU time went."""
     if "error" in prof:
         return f"profile: {prof['error']}"
     top = "; ".join(f"{name[:48]} {ms:.2f}" for name, ms in prof["top_kernels_ms"][:5])
-    return (f"profile per step (rank 0): span {prof['span_ms']:.1f} ms, compute {prof['compute_ms']:.1f}, NCCL "
+    return (f"profile per step: span {prof['span_ms']:.1f} ms, compute {prof['compute_ms']:.1f}, NCCL "
             f"{prof['nccl_ms']:.1f} ({prof['nccl_kernels_per_step']:.0f} kernels) of which exposed "
             f"{prof['nccl_exposed_ms']:.1f}, idle {prof['idle_ms']:.1f} | top: {top} | host self-time top: "
             + "; ".join(f"{name[:40]} {ms:.2f}" for name, ms in prof.get("host_top_ms", [])[:6]))
@@ -329,8 +329,8 @@ def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[di
                       f"{min(spread):.1f}-{max(spread):.1f}) | peak "
                       f"{_fmt_gib(row['peak_mem_GiB'])} GiB | warm-up {row['warmup_s']:.1f} s | "
                       f"{row['wall_s']:.0f} s wall | compile: {row['compile']}", flush=True)
-                if "profile" in row:
-                    print("    " + profile_line(row["profile"]), flush=True)
+                for rank, prof in enumerate(row.get("profile_ranks") or []):
+                    print(f"    rank {rank} " + profile_line(prof), flush=True)
             elif "error" not in row:
                 print(f"    done in {row['wall_s']:.0f} s", flush=True)
             rows.append(row)
@@ -464,7 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="CPU check: gloo, tiny shape, 1+1 steps, no compile")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup = 15, 3  # 5 windows of 3 steps
+        args.steps, args.warmup = 15, 3  # 3 windows of 5 steps
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1 (the first step compiles)")
     return args

@@ -143,7 +143,7 @@ def measure(shape: str, system: str, args) -> dict:
         row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
         # Up to 5 windows, the median reported: the lent machines showed one-off host stalls that moved a
         # single mean over all steps by 20-30% between calls.
-        windows = min(5, steps)
+        windows = max(1, min(5, steps // 5))  # >= 5 steps a window: each window refills the pipeline
         window_ms = []
         for i in range(windows):
             size = steps // windows + (i < steps % windows)

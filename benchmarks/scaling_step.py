@@ -245,9 +245,10 @@ WINDOWS = 5
 def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int) -> tuple[float, list[float], float]:
     """(warm-up seconds, seconds per step in each timed window, last loss) on this rank.
 
-    The timed steps are split into up to WINDOWS windows, each started together on all ranks and closed with a
-    device sync: the lent machines showed one-off stalls of tens of ms (host or peer), which a single mean
-    over 10 steps turned into a 20-30% swing between calls; the median window is robust to one of them."""
+    The timed steps are split into up to WINDOWS windows of at least 5 steps, each started together on all
+    ranks and closed with a device sync: the lent machines showed one-off stalls of tens of ms (host or
+    peer), which a single mean over 10 steps turned into a 20-30% swing between calls; the median window is
+    robust to one of them."""
     device = accelerator.device
     accelerator.wait_for_everyone()
     t0 = time.perf_counter()
@@ -255,7 +256,7 @@ def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int
         step()
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    windows = min(WINDOWS, steps)
+    windows = max(1, min(WINDOWS, steps // 5))  # >= 5 steps a window: each window refills the pipeline
     sizes = [steps // windows + (i < steps % windows) for i in range(windows)]
     per_step = []
     for size in sizes:
@@ -314,8 +315,10 @@ def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, step
     if not kernels:
         return {"error": "no GPU kernels recorded"}
     is_comm = [("nccl" in name.lower()) for name, _, _ in kernels]
+    # Copies and memsets run on the copy engines, beside the SMs: busy time, but not compute.
+    is_copy = [name.lower().startswith(("memcpy", "memset")) for name, _, _ in kernels]
     comm = _union([(a, b) for (_, a, b), c in zip(kernels, is_comm) if c])
-    compute = _union([(a, b) for (_, a, b), c in zip(kernels, is_comm) if not c])
+    compute = _union([(a, b) for (_, a, b), c, m in zip(kernels, is_comm, is_copy) if not (c or m)])
     span = max(b for _, _, b in kernels) - min(a for _, a, _ in kernels)
     busy = _length(_union([(a, b) for _, a, b in kernels]))
     totals: dict[str, float] = {}
@@ -355,11 +358,10 @@ def main(argv: list[str] | None = None) -> None:
         step, model, how, extra = build_hf(args, accelerator, cfg, x)
     warmup_s, windows_s, loss = timed(step, accelerator, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if args.profile:
-        extra["profile"] = profile_summary(step, device)
+    profile = profile_summary(step, device) if args.profile else None
 
     mine = {"rank": accelerator.process_index, "windows_s": windows_s, "warmup_s": warmup_s, "peak_mem_GiB": peak,
-            "loss": loss}
+            "loss": loss, "profile": profile}
     ranks = gather_object([mine])
     if accelerator.is_main_process:
         # Per window the slowest rank (data-parallel ranks wait for each other), then the median window.
@@ -383,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
                            "static_graph": args.static_graph, "broadcast_buffers": not args.no_broadcast_buffers},
             "clip": not args.no_clip, "h2d": args.h2d, "tag": args.tag, **extra,
         }
+        if args.profile:  # every rank's: a rank whose GPU waits on NCCL may be waiting for a slower peer
+            row["profile"] = ranks[0]["profile"]
+            row["profile_ranks"] = [r["profile"] for r in ranks]
         if not all(math.isfinite(v) for v in losses):
             row["error"] = f"non-finite loss {losses}"
         print(ROW_PREFIX + json.dumps(row), flush=True)

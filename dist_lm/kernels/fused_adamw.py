@@ -108,10 +108,11 @@ def _adamw_kernel(
 
 
 def plan_key(params: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-             exp_avg_sqs: list[torch.Tensor]) -> tuple[int, ...]:
+             exp_avg_sqs: list[torch.Tensor]) -> tuple:
     """The addresses a plan bakes in: equal keys mean a cached plan is valid for these tensors."""
+    # the dtype too: a tensor re-viewed in place (same address, other dtype) must not reuse a checked plan
     return tuple(t.data_ptr() for t in params) + tuple(t.data_ptr() for t in exp_avgs) + tuple(
-        t.data_ptr() for t in exp_avg_sqs) + tuple(t.numel() for t in params)
+        t.data_ptr() for t in exp_avg_sqs) + tuple(t.numel() for t in params) + (params[0].dtype, exp_avgs[0].dtype)
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
