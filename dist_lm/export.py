@@ -72,7 +72,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer_dir: 
     tokenizer = load_tokenizer(tokenizer_dir or cfg.data.tokenizer_dir)
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):
         raise UserError(f"tokenizer {tokenizer_dir or cfg.data.tokenizer_dir} is not the one {checkpoint} was "
-                         "trained with; pass the original tokenizer directory")
+                        "trained with; pass the original tokenizer directory")
     weights = {hf_name(k): v.to(dtype).contiguous() for k, v in load_model_state(checkpoint).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})

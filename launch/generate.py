@@ -43,7 +43,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer_dir)
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):
         raise UserError(f"tokenizer {args.tokenizer or cfg.data.tokenizer_dir} is not the one {path} was trained "
-                         "with; pass --tokenizer with the original tokenizer directory")
+                        "with; pass --tokenizer with the original tokenizer directory")
     model = TransformerLM(cfg.model)
     load_model_weights(model, load_model_state(path), path)
     model.to(args.device).eval()

@@ -40,7 +40,7 @@ class TrainBatches:
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise UserError(f"the training split has {len(tokens)} tokens, fewer than one window of "
-                             f"seq_len+1={seq_len + 1}; lower model.seq_len or prepare more data")
+                            f"seq_len+1={seq_len + 1}; lower model.seq_len or prepare more data")
 
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
@@ -96,7 +96,7 @@ class EvalBatches:
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise UserError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
-                             f"seq_len+1={seq_len + 1}; raise data.val_fraction or lower model.seq_len")
+                            f"seq_len+1={seq_len + 1}; raise data.val_fraction or lower model.seq_len")
 
     def __iter__(self):
         for i in range(self.num_batches):

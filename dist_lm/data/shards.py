@@ -157,10 +157,10 @@ def load_manifest(data_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg}); rebuild the shards with "
-                         "launch/prepare_data.py") from None
+                        "launch/prepare_data.py") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format_version {manifest.get('format_version')!r}, this dist_lm reads "
-                         f"{FORMAT_VERSION}; rebuild the shards with launch/prepare_data.py")
+                        f"{FORMAT_VERSION}; rebuild the shards with launch/prepare_data.py")
     return manifest
 
 
@@ -196,8 +196,8 @@ class ShardedTokens:
                                         "launch/prepare_data.py --overwrite")
             if path.stat().st_size != shard["num_tokens"] * dtype.itemsize:
                 raise UserError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
-                                 f"{shard['num_tokens']} {dtype.name} tokens; rebuild with "
-                                 "launch/prepare_data.py --overwrite")
+                                f"{shard['num_tokens']} {dtype.name} tokens; rebuild with "
+                                "launch/prepare_data.py --overwrite")
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         offsets = np.cumsum([0] + [len(a) for a in arrays])
         return cls(arrays, offsets)

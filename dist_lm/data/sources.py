@@ -79,10 +79,10 @@ def _read_local_documents(path: Path, text_field: str) -> Iterator[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that "
-                                     "line") from None
+                                    "line") from None
                 if text_field not in row:
                     raise UserError(f"{path}:{lineno} has no field {text_field!r}; set data.text_field to one of "
-                                     f"{sorted(row)}")
+                                    f"{sorted(row)}")
                 yield row[text_field]
     else:
         import pyarrow as pa  # datasets depends on pyarrow
@@ -127,7 +127,7 @@ def _split_local(path: Path, split: str, text_field: str, val_fraction: float) -
         num_val = max(1, num_val)
     if num_val >= num_docs:
         raise UserError(f"data source {path} has {num_docs} documents, too few to hold out "
-                         f"val_fraction={val_fraction}; lower data.val_fraction or add text")
+                        f"val_fraction={val_fraction}; lower data.val_fraction or add text")
     first_val = num_docs - num_val
     for i, doc in enumerate(_read_local(path, text_field)):
         if (i >= first_val) == (split == "val"):
@@ -141,7 +141,7 @@ def _iter_hub(name: str, split: str, text_field: str, val_fraction: float) -> It
         available = datasets.get_dataset_split_names(name)
     except Exception as exc:  # the hub client raises many types (connection, auth, not found)
         raise UserError(f"could not reach dataset {name!r} on the hub ({type(exc).__name__}: {exc}); "
-                         "check the name and the network, or pass a local .txt/.jsonl/.parquet file") from None
+                        "check the name and the network, or pass a local .txt/.jsonl/.parquet file") from None
     hub_val = next((s for s in ("validation", "valid", "val", "test") if s in available), None)
     if hub_val is not None:
         stream = datasets.load_dataset(name, split="train" if split == "train" else hub_val, streaming=True)

@@ -571,7 +571,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         raise UserError("flash_attention: q, k and v must be torch.Tensor")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise UserError(f"flash_attention: expected 4-D (batch, heads, seq, head_dim) tensors, got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+                        f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise UserError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -581,7 +581,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     batch, heads, seq_q, head_dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, heads) or k.shape[3] != head_dim:
         raise UserError(f"flash_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}; k and v need q's batch, heads and head_dim (repeat kv heads for GQA)")
+                        f"v {tuple(v.shape)}; k and v need q's batch, heads and head_dim (repeat kv heads for GQA)")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise UserError(f"flash_attention: head_dim {head_dim} is not supported; use 1..{MAX_HEAD_DIM}")
     seq_k = k.shape[2]
@@ -589,16 +589,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         raise UserError("flash_attention: k and v have no keys (seq_k = 0); softmax over nothing is undefined")
     if causal and seq_q > seq_k:
         raise UserError(f"flash_attention: causal with seq_q {seq_q} > seq_k {seq_k} leaves the first "
-                         f"{seq_q - seq_k} query rows without keys; pass causal=False or more keys")
+                        f"{seq_q - seq_k} query rows without keys; pass causal=False or more keys")
     for name, t in (("q", q), ("k", k), ("v", v)):
         # offsets inside one head are int32 in the kernels; the (batch, head) base offset is int64
         if (t.shape[2] - 1) * t.stride(2) + t.shape[3] > _INT32_MAX:
             raise UserError(f"flash_attention: {name} is too long for int32 offsets within a head "
-                             f"(seq {t.shape[2]}, stride {t.stride(2)})")
+                            f"(seq {t.shape[2]}, stride {t.stride(2)})")
     if _INTERPRETED:
         if q.device.type != "cpu":
             raise UserError(f"flash_attention: with TRITON_INTERPRET=1 the tensors must be on the CPU, got {q.device}")
     elif q.device.type != "cuda":
         raise UserError(f"flash_attention: needs CUDA tensors, got {q.device}; use SDPA elsewhere "
-                         "(or TRITON_INTERPRET=1 set before import, for tests)")
+                        "(or TRITON_INTERPRET=1 set before import, for tests)")
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)

@@ -106,7 +106,7 @@ def attention(
         fn, why = _load_triton()
         if fn is None:
             raise UserError(f"attention backend='triton' cannot import dist_lm.kernels.flash_attention ({why}); "
-                             "install triton or use backend='sdpa'")
+                            "install triton or use backend='sdpa'")
         return fn(q, k, v, causal=causal, sm_scale=None)
 
     # auto

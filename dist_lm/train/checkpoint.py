@@ -67,7 +67,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     if not resume:
         if existing:
             raise UserError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass "
-                             "train.resume=latest to continue that run, or set name=/run_dir= to start a new one")
+                            "train.resume=latest to continue that run, or set name=/run_dir= to start a new one")
         return None
     if resume == "latest":
         if not existing:
@@ -78,7 +78,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     later = [p for p in existing if p.name > path.name]
     if path.resolve().parent == (Path(run_dir) / CHECKPOINTS).resolve() and later:
         raise UserError(f"{run_dir} holds checkpoints after {path.name} (up to {later[-1].name}); resuming from "
-                         f"{path.name} here would mix two runs: delete the later ones, or resume into a new run_dir")
+                        f"{path.name} here would mix two runs: delete the later ones, or resume into a new run_dir")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass train.resume=latest or an "
                                 "existing run_dir/checkpoints/step_* directory")
@@ -141,7 +141,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError) as exc:
         raise UserError(f"checkpoint file {path} is corrupt ({exc}); delete {path.parent} and resume from an "
-                         "earlier checkpoint") from None
+                        "earlier checkpoint") from None
 
 
 def load_state(path: str | Path, required: tuple[str, ...] = ("step",)) -> dict[str, Any]:
@@ -153,14 +153,14 @@ def load_state(path: str | Path, required: tuple[str, ...] = ("step",)) -> dict[
         state = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{file} is corrupt ({exc.msg}); delete {path} and resume from an earlier "
-                         "checkpoint") from None
+                        "checkpoint") from None
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{file} has format_version {state.get('format_version')!r}; this dist_lm reads "
-                         f"{FORMAT_VERSION}")
+                        f"{FORMAT_VERSION}")
     missing = [k for k in required if k not in state]
     if missing:
         raise UserError(f"{file} is incomplete (no {missing[0]!r}); delete {path} and resume from an earlier "
-                         "checkpoint")
+                        "checkpoint")
     return state
 
 
@@ -186,7 +186,7 @@ def load_model_weights(model: torch.nn.Module, model_state: dict[str, torch.Tens
                   else f"{bad_shape[0]} has shape {tuple(model_state[bad_shape[0]].shape)}, the model "
                        f"{tuple(expected[bad_shape[0]].shape)}")
         raise UserError(f"checkpoint {source} does not fit the configured model ({detail}); use the config "
-                         "stored in the checkpoint's state.json")
+                        "stored in the checkpoint's state.json")
     model.load_state_dict(model_state)
 
 
@@ -240,7 +240,7 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, param_names: list[s
     saved_names = [n for g in groups for n in g["param_names"]]
     if sorted(saved_names) != sorted(param_names) or len(groups) != len(optimizer.param_groups):
         raise UserError(f"optimizer state in {source} is for other parameters than the model's; use the config "
-                         "stored in the checkpoint's state.json")
+                        "stored in the checkpoint's state.json")
     index = {name: i for i, name in enumerate(param_names)}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}

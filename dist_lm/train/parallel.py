@@ -114,7 +114,7 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7):
         # public fully_shard (2.6) and distribute_tensor(src_data_rank=None), used to reload shards (2.7)
         raise UserError(f"FSDP2 in dist_lm needs torch >= 2.7, this is {torch.__version__}; upgrade torch or "
-                         "train with DDP (configs/accelerate/ddp.yaml)")
+                        "train with DDP (configs/accelerate/ddp.yaml)")
     mesh = options.mesh
     if mesh is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"

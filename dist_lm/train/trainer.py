@@ -104,7 +104,7 @@ def train(cfg: RunConfig) -> TrainResult:
         start_step = ckpt.state["step"]
         if start_step >= t.max_steps:
             raise UserError(f"checkpoint {resume_from} is at step {start_step}, not before train.max_steps="
-                             f"{t.max_steps}: nothing to train; raise train.max_steps to continue the run")
+                            f"{t.max_steps}: nothing to train; raise train.max_steps to continue the run")
         run_id = ckpt.state.get("mlflow_run_id")
         batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
 
@@ -320,8 +320,8 @@ def _open_data(cfg: RunConfig, accelerator: Accelerator):
     tokenizer = load_tokenizer(d.tokenizer_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} ids ({d.tokenizer_dir}); set model.vocab_size >= "
-                         f"{tokenizer.vocab_size}")
+                        f"{tokenizer.vocab_size} ids ({d.tokenizer_dir}); set model.vocab_size >= "
+                        f"{tokenizer.vocab_size}")
     if not (data_dir / "manifest.json").exists():
         if not d.source.startswith("bundled:"):
             raise FileNotFoundError(f"no token shards in {data_dir}; make them first with `python "
@@ -347,17 +347,17 @@ def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str, 
     diff = [k for k in _SHAPE_FIELDS if ours["model"][k] != saved["model"].get(k)]
     if diff:
         raise UserError(f"checkpoint {path} was trained with model.{diff[0]}={saved['model'].get(diff[0])!r}, the "
-                         f"config says {ours['model'][diff[0]]!r}; resume with the same model config")
+                        f"config says {ours['model'][diff[0]]!r}; resume with the same model config")
     if state.get("tokenizer_fingerprint") != fingerprint:
         raise UserError(f"checkpoint {path} was trained with another tokenizer than data.tokenizer_dir="
-                         f"{cfg.data.tokenizer_dir}; point data.tokenizer_dir at the original tokenizer")
+                        f"{cfg.data.tokenizer_dir}; point data.tokenizer_dir at the original tokenizer")
     if saved["train"]["seed"] != cfg.train.seed:
         raise UserError(f"checkpoint {path} was trained with train.seed={saved['train']['seed']}, the config says "
-                         f"{cfg.train.seed}; the seed fixes the data order, so resume with the same seed")
+                        f"{cfg.train.seed}; the seed fixes the data order, so resume with the same seed")
     saved_tokens = state["data"].get("num_train_tokens")
     if saved_tokens is not None and saved_tokens != num_train_tokens:
         raise UserError(f"checkpoint {path} was trained on {saved_tokens:,} training tokens, data.data_dir="
-                         f"{cfg.data.data_dir} holds {num_train_tokens:,}; resume on the same token shards")
+                        f"{cfg.data.data_dir} holds {num_train_tokens:,}; resume on the same token shards")
 
 
 def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions | None:
@@ -370,10 +370,10 @@ def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions 
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 1) != 2:
         raise UserError("the accelerate config asks for FSDP version 1; dist_lm shards with FSDP2: set "
-                         "fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+                        "fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
     if accelerator.mixed_precision == "fp16":
         raise UserError("FSDP2 with fp16 needs a sharded gradient scaler, which dist_lm does not have; use "
-                         "mixed_precision bf16")
+                        "mixed_precision bf16")
     dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward), unit=unit)
 
