@@ -64,12 +64,16 @@ class TrainBatches:
         first = self.samples_consumed(step) + (micro_step * self.world_size + self.rank) * self.micro_batch
         positions = np.arange(first, first + self.micro_batch, dtype=np.int64)
         epochs, within = np.divmod(positions, self.num_windows)
-        return np.array([self._order(int(e))[int(w)] for e, w in zip(epochs, within)], dtype=np.int64)
+        ids = np.empty(self.micro_batch, dtype=np.int64)
+        for epoch in np.unique(epochs):  # one epoch, two where the batch crosses an epoch boundary
+            at = epochs == epoch
+            ids[at] = self._order(int(epoch))[within[at]]
+        return ids
 
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch, seq_len) int64 on the CPU."""
-        rows = [self.tokens.read(int(w) * self.seq_len, self.seq_len + 1) for w in self.window_ids(step, micro_step)]
-        data = torch.from_numpy(np.stack(rows))  # (B, T+1)
+        data = torch.from_numpy(self.tokens.read_rows(self.window_ids(step, micro_step) * self.seq_len,
+                                                      self.seq_len + 1))  # (B, T+1)
         return data[:, :-1], data[:, 1:]
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -103,5 +107,5 @@ class EvalBatches:
             first = (i * self.world_size + self.rank) * self.micro_batch
             # Wrap around when the split is smaller than the evaluation asks for.
             ids = np.arange(first, first + self.micro_batch) % self.num_windows
-            data = torch.from_numpy(np.stack([self.tokens.read(int(w) * self.seq_len, self.seq_len + 1) for w in ids]))
+            data = torch.from_numpy(self.tokens.read_rows(ids * self.seq_len, self.seq_len + 1))
             yield data[:, :-1], data[:, 1:]

@@ -205,6 +205,26 @@ class ShardedTokens:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows [start, start + length) for each start, as one (len(starts), length) int64 array.
+
+        One fancy-indexed gather per shard for the rows inside it (a batch is read with a few numpy calls
+        instead of one Python call per row: host time the training step waits for); rows crossing a shard
+        boundary go through read()."""
+        starts = np.asarray(starts, dtype=np.int64)
+        assert starts.size == 0 or (starts.min() >= 0 and starts.max() + length <= len(self)), (starts, length)
+        out = np.empty((len(starts), length), dtype=np.int64)
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        local = starts - self.offsets[shard]
+        inside = local + length <= self.offsets[shard + 1] - self.offsets[shard]
+        cols = np.arange(length, dtype=np.int64)
+        for s in np.unique(shard[inside]):
+            rows = np.nonzero(inside & (shard == s))[0]
+            out[rows] = self.arrays[int(s)][local[rows, None] + cols]
+        for r in np.nonzero(~inside)[0]:
+            out[r] = self.read(int(starts[r]), length)
+        return out
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, crossing shard boundaries when needed."""
         assert 0 <= start and start + length <= len(self), (start, length, len(self))

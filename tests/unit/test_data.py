@@ -185,6 +185,25 @@ def test_accumulation_sees_the_same_global_batch():
         assert sorted(micro.tolist()) == sorted(one.window_ids(step, 0).tolist())
 
 
+def test_read_rows_equals_read_across_shard_boundaries():
+    # three shards of 10, 7 and 13 tokens; the value at flat position i is i
+    tokens = ShardedTokens([np.arange(0, 10), np.arange(10, 17), np.arange(17, 30)], np.array([0, 10, 17, 30]))
+    starts = np.array([0, 3, 8, 9, 10, 12, 16, 17, 22, 25, 2])  # inside, crossing one and two boundaries
+    rows = tokens.read_rows(starts, 5)
+    assert rows.dtype == np.int64 and rows.shape == (len(starts), 5)
+    assert (rows == np.stack([tokens.read(int(s), 5) for s in starts])).all()
+    assert (rows == starts[:, None] + np.arange(5)).all()
+    assert (tokens.read_rows(np.array([0]), 30) == np.arange(30)).all()  # one row spanning all three shards
+
+
+def test_window_ids_cross_epochs_like_the_per_position_rule():
+    t = loader(batch=7)  # 50 windows: steps 7 and 14 straddle epoch boundaries
+    for step in range(16):
+        positions = range(step * 7, step * 7 + 7)
+        expected = [t._order(p // 50)[p % 50] for p in positions]
+        assert t.window_ids(step, 0).tolist() == expected
+
+
 def test_each_epoch_visits_every_window_once():
     t = loader(batch=5)  # 50 windows, 10 steps an epoch
     seen = np.concatenate([t.window_ids(s, 0) for s in range(10)])
