@@ -145,6 +145,8 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
         out += ["--comm-hook", args.comm_hook]
     if args.fsdp_unit != "block":
         out += ["--fsdp-unit", args.fsdp_unit]
+    if args.fsdp_prefetch:
+        out.append("--fsdp-prefetch")
     if args.dry_run:
         out += ["--mixed-precision", "no"]
     return out
@@ -172,6 +174,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         parts.append("no reshard after forward")
     if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "model":
         parts.append("whole model one unit")
+    if topology == "fsdp" and system == "dist_lm" and args.fsdp_prefetch:
+        parts.append("explicit prefetch")
     if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
         parts.append("regional compile")
     if args.h2d and system == "dist_lm":
@@ -448,6 +452,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
     p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
                    help="dist_lm FSDP2 unit: each block, or the whole model (train.fsdp_unit)")
+    p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--h2d", action="store_true", help="dist_lm copies a host batch per micro-step (trainer path)")
     p.add_argument("--no-clip", action="store_true", help="no gradient clipping in either system")

@@ -41,6 +41,7 @@ for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICA
     os.environ[_key] = _value
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "splits the graph at bucket boundaries), instead of DDP around the compiled model")
     p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
                    help="dist_lm FSDP2: each block its own unit, or the whole model one (train.fsdp_unit)")
+    p.add_argument("--fsdp-prefetch", action="store_true",
+                   help="dist_lm FSDP2 block units: explicit next-block prefetch (FSDPOptions.explicit_prefetch)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 3 steps: GPU busy time, NCCL time and how much of it is exposed")
     p.add_argument("--tag", default="", help="free text copied into the row (the driver's run label)")
@@ -147,6 +150,8 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
     raw = TransformerLM(cfg)
     fsdp = _fsdp_options(accelerator, unit=args.fsdp_unit)
+    if fsdp is not None and args.fsdp_prefetch:
+        fsdp = dataclasses.replace(fsdp, explicit_prefetch=True)
     after_ddp = args.compile_after_ddp and fsdp is None and not args.no_compile
     if after_ddp:
         run_cfg.train.compile = False  # compiled below, around the DDP wrapper

@@ -101,6 +101,10 @@ class FSDPOptions:
     """A 1-D DeviceMesh over the ranks; None builds one over the default process group."""
     unit: str = "block"
     """"block": fully_shard each TransformerBlock, then the root; "model": the root only (one unit)."""
+    explicit_prefetch: bool = False
+    """Block units: each block's forward (backward) issues the next block's all-gather itself, instead of
+    FSDP2's implicit prefetch, which is issued only when the host reaches the next block; for a host that
+    runs behind the GPU. Experimental: benchmarks/bench_scaling.py --fsdp-prefetch, not in the config yet."""
 
 
 def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
@@ -135,6 +139,12 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
     # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    if options.explicit_prefetch:
+        for i, block in enumerate(blocks):
+            if i + 1 < len(blocks):
+                block.set_modules_to_forward_prefetch([blocks[i + 1]])
+            if i > 0:  # the backward runs the blocks in reverse
+                block.set_modules_to_backward_prefetch([blocks[i - 1]])
     return model
 
 

@@ -3,7 +3,8 @@
 It goes through the same functions as the trainer (apply_parallelism with FSDPOptions, our AdamW and
 clipping, the consolidated checkpoint writer), not through Accelerate, which turns FSDP off on the CPU.
 
-usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS UNIT [RESUME_CHECKPOINT]   (UNIT: block | model)
+usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS UNIT [RESUME_CHECKPOINT]
+       (UNIT: block | model | block+prefetch)
 """
 
 import json
@@ -90,6 +91,7 @@ if __name__ == "__main__":
     rank, world = dist.get_rank(), dist.get_world_size()
     out, steps, unit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
-    run(out, steps, resume, rank, world, FSDPOptions(unit=unit))
+    prefetch = unit.endswith("+prefetch")
+    run(out, steps, resume, rank, world, FSDPOptions(unit=unit.removesuffix("+prefetch"), explicit_prefetch=prefetch))
     dist.barrier()
     dist.destroy_process_group()

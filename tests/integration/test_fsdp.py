@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import checkout_env, ok
 
@@ -68,9 +69,11 @@ def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
     assert_same_checkpoint(list_checkpoints(tmp_path / "ref_more")[-1], list_checkpoints(tmp_path / "up")[-1])
 
 
-def test_fsdp_with_the_whole_model_as_one_unit_matches_one_process(tmp_path):
+@pytest.mark.parametrize("unit", ["model", "block+prefetch"])
+def test_fsdp_other_sharding_layouts_match_one_process(tmp_path, unit):
+    """The whole model as one unit; block units with explicit prefetching: the same run as one process."""
     ref = single(tmp_path / "ref", 3)
-    whole = torchrun(tmp_path / "whole", 3, unit="model")
+    whole = torchrun(tmp_path / "whole", 3, unit=unit)
     assert max(abs(a - b) for a, b in zip(ref["losses"], whole["losses"], strict=True)) < 1e-5, (ref, whole)
     assert max(abs(a - b) / b for a, b in zip(whole["grad_norms"], ref["grad_norms"], strict=True)) < 1e-5
     assert_same_checkpoint(list_checkpoints(tmp_path / "ref")[-1], list_checkpoints(tmp_path / "whole")[-1])
