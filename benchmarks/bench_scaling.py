@@ -182,6 +182,7 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         parts.append("h2d copies")
     if args.no_clip:
         parts.append("no clip")
+    parts += [f"{k}={v}" for k, v in args.child_env]
     return ", ".join(parts)
 
 
@@ -264,8 +265,8 @@ def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path
     log = logs / f"{index:02d}_{run.label.replace(' ', '_')}.log"
     # PYTHONPATH: launch/train.py imports dist_lm, which need not be pip-installed on the device.
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": pythonpath}
+    env = {**os.environ, **dict(args.child_env), **NO_MULTICAST, "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
     t0 = time.perf_counter()
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
@@ -424,6 +425,15 @@ def _csv(choices: tuple[str, ...] | list[str]):
     return parse
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    if key in NO_MULTICAST:
+        raise argparse.ArgumentTypeError(f"{key} stays {NO_MULTICAST[key]} on these hosts (KINDS.md)")
+    return key, value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -454,6 +464,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dist_lm FSDP2 unit: each block, or the whole model (train.fsdp_unit)")
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
+    p.add_argument("--child-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for every run, e.g. NCCL_MAX_NCHANNELS=8 (fewer SMs for NCCL beside the "
+                        "compute); repeatable; the NVLink-multicast switches cannot be changed")
     p.add_argument("--h2d", action="store_true", help="dist_lm copies a host batch per micro-step (trainer path)")
     p.add_argument("--no-clip", action="store_true", help="no gradient clipping in either system")
     p.add_argument("--parity-steps", type=int, default=200)
