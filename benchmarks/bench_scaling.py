@@ -183,6 +183,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
     if args.no_clip:
         parts.append("no clip")
     parts += [f"{k}={v}" for k, v in args.child_env]
+    if system == "dist_lm" and os.environ.get("DIST_LM_FLASH_OP") == "triton":  # inherited by every run
+        parts.append("attention as triton_op")
     return ", ".join(parts)
 
 
