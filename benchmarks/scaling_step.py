@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model  # noqa: E402
 
 from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
+from dist_lm.kernels import flash_attention  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
@@ -275,12 +276,6 @@ def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int
     return warmup_s, per_step, float(loss)  # the one host read, after the clock stopped
 
 
-def _flash_op_kind() -> str:
-    from dist_lm.kernels import flash_attention
-
-    return flash_attention.OP_KIND
-
-
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[list[float]] = []
     for start, end in sorted(intervals):
@@ -394,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,  # DTensor.numel() is the global size
             "ddp_kwargs": {"bucket_cap_mb": args.bucket_cap_mb, "gradient_as_bucket_view": args.gradient_as_bucket_view,
                            "static_graph": args.static_graph, "broadcast_buffers": not args.no_broadcast_buffers},
-            "clip": not args.no_clip, "h2d": args.h2d, "tag": args.tag, "flash_op": _flash_op_kind(), **extra,
+            "clip": not args.no_clip, "h2d": args.h2d, "tag": args.tag, "flash_op": flash_attention.OP_KIND, **extra,
         }
         if args.profile:  # every rank's: a rank whose GPU waits on NCCL may be waiting for a slower peer
             row["profile"] = ranks[0]["profile"]

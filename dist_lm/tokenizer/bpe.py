@@ -174,11 +174,7 @@ class Tokenizer:
         hf_path = d / "tokenizer.json"
         if hf_path.is_file():
             # The HF export must describe the same tokenizer; a stale one would give other ids elsewhere.
-            try:
-                hf = json.loads(hf_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"{str(hf_path)!r} is not valid UTF-8 JSON ({exc}); delete it and save the "
-                                "tokenizer again (Tokenizer.load(dir).save(dir))") from None
+            hf = formats.read_json(hf_path, "HF tokenizer file", "delete it, then load and save the tokenizer again")
             expected = formats.hf_tokenizer_json(tok.vocab, tok.merges, tok.special_ids)["model"]
             model = hf.get("model", {})
             if model.get("vocab") != expected["vocab"] or model.get("merges") != expected["merges"]:

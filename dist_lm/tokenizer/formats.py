@@ -72,16 +72,21 @@ def _not_utf8(path: Path, what: str, exc: UnicodeDecodeError) -> UserError:
                      "UTF-8")
 
 
+def read_json(path: Path, what: str, fix: str):
+    """The parsed JSON file; not UTF-8 or not JSON is one UserError naming the file (`fix` says what to do)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {str(path)!r} is not valid JSON ({e}); {fix}") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, what, e) from None
+
+
 def read_gpt2_vocab(path: str | os.PathLike, special_tokens: Sequence[str]) -> dict[int, bytes]:
     """vocab.json -> id -> bytes. Entries equal to a declared special are read literally."""
     path = Path(path)
     _check_file(path, "vocab file")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"vocab file {str(path)!r} is not valid JSON ({e}); re-save it") from None
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, "vocab file", e) from None
+    raw = read_json(path, "vocab file", "re-save it")
     if not isinstance(raw, dict):
         raise UserError(f"vocab file {str(path)!r} must be a JSON object token -> id")
     specials = set(special_tokens)
@@ -190,12 +195,7 @@ def read_config(directory: Path) -> list[str]:
             f"{str(path)!r} not found; a tokenizer directory holds {', '.join(FILES)} "
             f"(train one with launch/train_tokenizer.py, or save with Tokenizer.save)"
         )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{str(path)!r} is not valid JSON ({e}); re-save the tokenizer") from None
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, "tokenizer config", e) from None
+    cfg = read_json(path, "tokenizer config", "re-save the tokenizer")
     if cfg.get("type") != "byte_level_bpe":
         raise UserError(
             f"{str(path)!r}: type {cfg.get('type')!r} is not 'byte_level_bpe'; this loader reads only that"
