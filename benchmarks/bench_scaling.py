@@ -56,6 +56,9 @@ from bench_train import SHAPES  # noqa: E402
 from scaling_report import TOPOLOGY_NAMES, _fmt_gib, print_table, versions  # noqa: E402
 from scaling_step import ROW_PREFIX  # noqa: E402
 
+from dist_lm.config import TrainConfig  # noqa: E402
+from dist_lm.train.parallel import COMPILE_MODES  # noqa: E402
+
 WORKER = ROOT / "benchmarks" / "scaling_step.py"
 PARTS = ("dist_lm", "hf", "parity", "table")
 TOPOLOGIES = ("single", "ddp", "fsdp")
@@ -145,6 +148,10 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
         out += ["--comm-hook", args.comm_hook]
     if args.fsdp_unit != "block":
         out += ["--fsdp-unit", args.fsdp_unit]
+    if args.ddp_optimizer != "ddp_optimizer":
+        out += ["--ddp-optimizer", args.ddp_optimizer]
+    if args.ddp_defaults != "trainer":
+        out += ["--ddp-defaults", args.ddp_defaults]
     if args.fsdp_prefetch:
         out.append("--fsdp-prefetch")
     if args.dry_run:
@@ -155,9 +162,11 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
 def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool) -> str:
     """What differs from the defaults, shown in the table (DDP knobs only matter to DDP rows)."""
     parts = []
-    if system == "dist_lm" and compiled and topology != "fsdp" and args.compile_mode != "model":
+    if system == "dist_lm" and compiled and topology != "fsdp" and args.compile_mode != TrainConfig.compile_mode:
         parts.append(f"compile {args.compile_mode}")
     if topology == "ddp":
+        if system == "dist_lm" and args.ddp_defaults == "accelerate":
+            parts.append("Accelerate's DDP defaults")
         if args.bucket_cap_mb is not None:
             parts.append(f"bucket {args.bucket_cap_mb} MB")
         if args.gradient_as_bucket_view:
@@ -168,6 +177,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append("no buffer broadcast")
         if args.comm_hook != "none":
             parts.append(f"{args.comm_hook} grads on the wire")
+        if args.ddp_optimizer != "ddp_optimizer" and compiled:
+            parts.append(f"dynamo optimize_ddp={args.ddp_optimizer}")
         if args.compile_after_ddp and system == "dist_lm" and compiled:
             parts.append("compiled after DDP")
     if topology == "fsdp" and not args.reshard_after_forward:
@@ -449,10 +460,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="compiled configurations only, 15 timed steps, parity 50")
     p.add_argument("--steps", type=int, default=25, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
-    p.add_argument("--compile-mode", choices=("model", "blocks", "cudagraphs"), default="model",
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=TrainConfig.compile_mode,
                    help="dist_lm compile granularity for 1 GPU and DDP (FSDP2 always compiles blocks)")
     p.add_argument("--hf-fsdp-compile", choices=("before-prepare", "regional"), default="before-prepare",
                    help="HF FSDP2 anchor: torch.compile before prepare, or Accelerate's regional compilation")
+    p.add_argument("--ddp-defaults", choices=("trainer", "accelerate"), default="trainer",
+                   help="dist_lm DDP settings before the knobs below: the trainer's (train.ddp_bucket_mb, gradients "
+                        "as bucket views) or Accelerate's (25 MB, copied); the HF anchor always has Accelerate's")
     p.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP knob (Accelerate's default: 25)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP knob")
     p.add_argument("--static-graph", action="store_true", help="DDP knob")
@@ -460,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comm-hook", choices=("none", "bf16"), default="none", help="DDP knob: gradient comm hook")
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: torch.compile the DDP wrapper instead of DDP around the compiled model")
+    p.add_argument("--ddp-optimizer", choices=("ddp_optimizer", "no_optimization"), default="ddp_optimizer",
+                   help="DDP around a compiled model: dynamo splits the graph at buckets (torch's default) or "
+                        "keeps one graph and all-reduces after the backward")
     p.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false",
                    help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
     p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
+from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per system")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--quick", action="store_true", help="tinystories only, 10 timed steps, 3 warm-up")
-    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="model",
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=TrainConfig.compile_mode,
                         help="dist_lm compile granularity (dist_lm.train.parallel.apply_compile)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="both systems recompute blocks")
     parser.add_argument("--no-clip", action="store_true", help="skip grad-norm clipping in both systems")

@@ -57,13 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model  # noqa: E402
 
-from dist_lm.config import ModelConfig, RunConfig  # noqa: E402
+from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.kernels import flash_attention  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
 from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
-from dist_lm.train.trainer import _fsdp_options, _to_device  # noqa: E402
+from dist_lm.train.trainer import _fsdp_options, _to_device, ddp_kwargs  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
 DRY_RUN_SHAPE = (dict(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=256, seq_len=32), 2)
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=0, help="sequences per GPU per micro-step (0: the shape's)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--no-compile", action="store_true", help="eager (default: compiled)")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="model",
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=TrainConfig.compile_mode,
                    help="dist_lm compile granularity without FSDP (FSDP2 always compiles blocks)")
     p.add_argument("--hf-compile", choices=("before-prepare", "accelerate"), default="before-prepare",
                    help="HF: torch.compile the model before prepare, or leave it to the launcher config's dynamo "
@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
     # DDP knobs (accelerate.utils.DistributedDataParallelKwargs); unset = Accelerate's defaults.
+    p.add_argument("--ddp-defaults", choices=("trainer", "accelerate"), default="trainer",
+                   help="dist_lm DDP settings before the knobs below: the trainer's (trainer.ddp_kwargs) or "
+                        "Accelerate's; the HF anchor always gets Accelerate's")
     p.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP gradient bucket size (Accelerate: 25)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP grads alias the buckets")
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
@@ -99,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: wrap in DDP first, then torch.compile the wrapper (dynamo's DDPOptimizer "
                         "splits the graph at bucket boundaries), instead of DDP around the compiled model")
+    p.add_argument("--ddp-optimizer", choices=("ddp_optimizer", "no_optimization"), default="ddp_optimizer",
+                   help="torch._dynamo.config.optimize_ddp for DDP around a compiled model: ddp_optimizer (torch's "
+                        "default) splits the compiled graph at bucket boundaries so all-reduces overlap the "
+                        "backward; no_optimization keeps one graph and all-reduces after the backward")
     p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
                    help="dist_lm FSDP2: each block its own unit, or the whole model one (train.fsdp_unit)")
     p.add_argument("--fsdp-prefetch", action="store_true",
@@ -122,6 +129,9 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
     ddp = {}
+    if args.system == "dist_lm" and args.ddp_defaults == "trainer":  # what train() hands to its Accelerator
+        trainer = ddp_kwargs(RunConfig())
+        ddp.update(bucket_cap_mb=trainer.bucket_cap_mb, gradient_as_bucket_view=trainer.gradient_as_bucket_view)
     if args.bucket_cap_mb is not None:
         ddp["bucket_cap_mb"] = args.bucket_cap_mb
     if args.gradient_as_bucket_view:
@@ -154,6 +164,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     if fsdp is not None and args.fsdp_prefetch:
         fsdp = dataclasses.replace(fsdp, explicit_prefetch=True)
     after_ddp = args.compile_after_ddp and fsdp is None and not args.no_compile
+    torch._dynamo.config.optimize_ddp = args.ddp_optimizer
     if after_ddp:
         run_cfg.train.compile = False  # compiled below, around the DDP wrapper
     model = apply_parallelism(raw, run_cfg, compile_mode=args.compile_mode, fsdp=fsdp)

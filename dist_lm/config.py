@@ -26,6 +26,7 @@ from dist_lm.errors import UserError
 AttentionBackend = Literal["auto", "triton", "sdpa", "reference"]
 MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
 FSDPUnit = Literal["block", "model"]
+CompileMode = Literal["model", "blocks", "cudagraphs"]
 
 
 @dataclass
@@ -127,6 +128,12 @@ class TrainConfig:
     no, bf16, or fp16 (fp16 adds a gradient scaler)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    compile_mode: CompileMode = "cudagraphs"
+    """With train.compile: cudagraphs (the whole model, replayed as CUDA graphs: no per-kernel launch cost on the
+    host, which otherwise leaves the GPU waiting at small batches; plain "model" where there is no CUDA), model
+    (the whole model, kernels launched from the host), or blocks (each Transformer block compiled on its own:
+    shorter compile). Under FSDP2 the blocks are always compiled one by one. benchmarks/README.md has the
+    measurements behind the default."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in the backward pass: less memory, about a third more
     compute."""
@@ -136,6 +143,12 @@ class TrainConfig:
     per step); model: the whole model is one unit (optimizer state, master weights and gradients stay
     sharded, the bf16 weights are gathered once per step: far fewer collectives and hooks, for models whose
     blocks are too small to hide them)."""
+    ddp_bucket_mb: int = 125
+    """Under DDP: gradient bucket size in MB. Each bucket is all-reduced as soon as its gradients are ready, and a
+    compiled model's graph is split at bucket boundaries so that this can happen: small buckets (PyTorch's 25)
+    cut the compiled graph into many pieces and slow the step; at 125 a 124M model has four pieces and the
+    all-reduces still overlap the backward (benchmarks/README.md, Scaling). Gradients live in the buckets
+    (gradient_as_bucket_view): no second copy."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20
@@ -381,6 +394,7 @@ def validate(cfg: RunConfig) -> None:
         ("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
         ("train.max_steps", t.max_steps), ("train.eval_interval", t.eval_interval),
         ("train.eval_batches", t.eval_batches), ("train.log_interval", t.log_interval),
+        ("train.ddp_bucket_mb", t.ddp_bucket_mb),
     ]:
         need(value >= 1, key, value, "must be a positive integer")
     need(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,

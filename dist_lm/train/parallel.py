@@ -14,9 +14,13 @@ Design decisions:
   (checkpoint_wrapper), so parameter names, state_dict keys, checkpoints and export stay unchanged.
   Non-reentrant checkpointing (use_reentrant=False): works with torch.compile, FSDP2 and inputs
   that do not require grad; it is skipped when grad is off (eval, generation with a KV cache).
-- Compile granularity: "model" (default) compiles the whole forward, loss included, as one graph, so
-  inductor also fuses the chunked cross-entropy's elementwise work (dist_lm.kernels.cross_entropy) and
-  the embedding/final-norm glue. "blocks" compiles each TransformerBlock in place (module.compile()):
+- Compile granularity (train.compile_mode): "model" compiles the whole forward, loss included, as one graph,
+  so inductor also fuses the chunked cross-entropy's elementwise work (dist_lm.kernels.cross_entropy) and
+  the embedding/final-norm glue. "cudagraphs" (the default) is that graph replayed as CUDA graphs: the host
+  launches one graph instead of hundreds of kernels (each Triton attention call alone costs tens of
+  microseconds of Python), which measured +8% at the 124M shape on one H200 (same machine, same call), and took the
+  seed model at batch 32, where the GPU otherwise waits for the host, from 0.78x to 1.45x HF compiled
+  (benchmarks/README.md). "blocks" compiles each TransformerBlock in place (module.compile()):
   one graph reused by all blocks (same code, same shapes: one compile, not num_layers), so compile time
   stops growing with depth, and a graph break in the head cannot split a block; the loss then runs
   eagerly with its own compiled elementwise helper. benchmarks/bench_train.py --compile-mode measures both.
@@ -34,18 +38,17 @@ Design decisions:
 from __future__ import annotations
 
 import functools
+import typing
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dist_lm.config import RunConfig
+from dist_lm.config import CompileMode, RunConfig
 from dist_lm.errors import UserError
 from dist_lm.model.transformer import TransformerBlock
 
-CompileMode = Literal["model", "blocks", "cudagraphs"]
-COMPILE_MODES = ("model", "blocks", "cudagraphs")
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 
 
 def _checkpointed(forward):
@@ -75,9 +78,12 @@ def apply_compile(model: torch.nn.Module, mode: CompileMode = "model") -> torch.
     """Compile the whole model (returns a wrapper sharing its parameters) or each block in place.
 
     "cudagraphs" is the whole model with inductor's CUDA graphs (torch.compile mode="reduce-overhead"): the
-    forward and backward replay as graphs, without per-kernel host launches. Experimental: measured only in
-    benchmarks/bench_train.py so far; callers mark each step with torch.compiler.cudagraph_mark_step_begin().
-    On the CPU, inductor skips the graphs and it is the "model" mode."""
+    forward and backward replay as graphs, without per-kernel host launches (the trainer's default). Callers call
+    torch.compiler.cudagraph_mark_step_begin() once per optimizer step, not per micro-step: the gradients of
+    an accumulation's first micro-step live in the graphs' memory, and a new step would let the next replay
+    overwrite them; inside one step the graph trees see them alive and record a second path instead. The
+    graphs' outputs (the loss) are overwritten at the next step too: keep a copy (`loss.detach()` into a sum),
+    never the tensor. On the CPU, inductor skips the graphs and it is the "model" mode."""
     if mode == "model":
         return torch.compile(model)
     if mode == "cudagraphs":
@@ -148,14 +154,16 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     return model
 
 
-def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode = "model",
+def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode | None = None,
                       fsdp: FSDPOptions | None = None) -> torch.nn.Module:
     """The single-device model with the configured wrappers applied, in the fixed order
-    checkpointing -> compile -> FSDP2 (when `fsdp` is given; DDP is left to accelerator.prepare)."""
+    checkpointing -> compile -> FSDP2 (when `fsdp` is given; DDP is left to accelerator.prepare).
+    `compile_mode` overrides cfg.train.compile_mode (benchmarks); FSDP2 always compiles blocks."""
     if cfg.train.activation_checkpointing:
         model = apply_activation_checkpointing(model)
     if cfg.train.compile:
-        model = apply_compile(model, "blocks" if fsdp is not None else compile_mode)
+        mode = compile_mode or cfg.train.compile_mode
+        model = apply_compile(model, "blocks" if fsdp is not None else mode)
     if fsdp is not None:
         model = apply_fsdp(model, fsdp)
     return model

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
@@ -82,6 +88,7 @@ def train(cfg: RunConfig) -> TrainResult:
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_plugin=plugin,
         mixed_precision=None if t.mixed_precision == "launcher" else t.mixed_precision,
+        kwargs_handlers=[ddp_kwargs(cfg)],  # read only when the launch is DDP
     )
     is_main = accelerator.is_main_process
     say = tqdm.write if is_main else (lambda *_: None)
@@ -143,8 +150,10 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,
                             "global_batch_size": cfg.global_batch_size(world)})
         tracker.log_artifact(str(run_dir / "config.yaml"))
+    graphs = cuda_graphs(cfg, accelerator.device, fsdp)
+    compiled = "blocks" if fsdp is not None else "cudagraphs" if graphs else t.compile_mode
     topology = (f"FSDP2, {fsdp.unit} units" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
-        ", compiled" if t.compile else "")
+        f", compiled ({compiled})" if t.compile else "")
     say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
         f"global batch {cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
         f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'} | run_dir {run_dir}")
@@ -167,6 +176,8 @@ def train(cfg: RunConfig) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
+            if graphs:  # once per optimizer step, never per micro-step (apply_compile says why)
+                torch.compiler.cudagraph_mark_step_begin()
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum_steps):
                 x, y = (_to_device(part, accelerator.device) for part in batches.batch(step, micro))
@@ -222,7 +233,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     f"{speed['tokens_per_s']:,.0f} tok/s{mfu}")
 
             if done % t.eval_interval == 0 or done == t.max_steps:
-                val = evaluate(model, eval_batches, accelerator)
+                val = evaluate(model, eval_batches, accelerator, cuda_graphs=graphs)
                 result.val_losses[done] = val
                 tracker.log_metrics({"val/loss": val}, step=done)
                 if is_main:
@@ -293,11 +304,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: EvalBatches, accelerator: Accelerator) -> float:
+def evaluate(model: torch.nn.Module, batches: EvalBatches, accelerator: Accelerator, *,
+             cuda_graphs: bool = False) -> float:
     """Mean validation loss over the fixed eval windows of all ranks."""
     model.eval()
     total = torch.zeros((), device=accelerator.device)
     for x, y in batches:
+        if cuda_graphs:  # each batch's loss is added up before the next replay overwrites it
+            torch.compiler.cudagraph_mark_step_begin()
         total += model(x.to(accelerator.device), y.to(accelerator.device)).float()
     model.train()
     return float(accelerator.reduce(total / batches.num_batches, reduction="mean"))
@@ -358,6 +372,20 @@ def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str, 
     if saved_tokens is not None and saved_tokens != num_train_tokens:
         raise UserError(f"checkpoint {path} was trained on {saved_tokens:,} training tokens, data.data_dir="
                         f"{cfg.data.data_dir} holds {num_train_tokens:,}; resume on the same token shards")
+
+
+def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
+    """How DDP is set up when the launch is DDP (benchmarks/bench_scaling.py measures the same settings).
+
+    Accelerate's defaults differ in two places: 25 MB buckets, which cut a compiled model into ~20 graphs (dynamo
+    splits at bucket boundaries so that the all-reduces can overlap the backward), and gradients copied into the
+    buckets; we use train.ddp_bucket_mb (125) and let the gradients live in the buckets."""
+    return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
+
+
+def cuda_graphs(cfg: RunConfig, device: torch.device, fsdp: FSDPOptions | None) -> bool:
+    """Whether the compiled step replays as CUDA graphs (so the loop must mark each step's start)."""
+    return cfg.train.compile and cfg.train.compile_mode == "cudagraphs" and fsdp is None and device.type == "cuda"
 
 
 def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions | None:

@@ -65,6 +65,8 @@ def test_yaml_values_and_overrides(tmp_path):
         ("optim:\n  betas: [0.9]\n", [], "optim.betas"),
         ("optim:\n  min_lr: 1.0\n  lr: 0.1\n", [], "optim.min_lr=1.0"),
         ("train:\n  batch_size: 0\n", [], "train.batch_size=0"),
+        ("", ["train.compile_mode=fast"], "one of 'model', 'blocks', 'cudagraphs'"),
+        ("", ["train.ddp_bucket_mb=0"], "train.ddp_bucket_mb=0 is not accepted"),
         ("model: 3\n", [], "config section model must be a mapping"),
         ("", ["optim.lr"], "must look like section.key=value"),
     ],

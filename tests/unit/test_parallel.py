@@ -47,3 +47,14 @@ def test_compile_modes_train_like_eager(mode):
 def test_unknown_compile_mode_is_a_user_error():
     with pytest.raises(UserError, match="compile mode 'fast' is unknown"):
         apply_compile(TransformerLM(_cfg().model), "fast")
+
+
+def test_the_configured_compile_mode_applies_unless_overridden():
+    cfg = _cfg()
+    cfg.train.compile_mode = "blocks"
+    raw = TransformerLM(cfg.model)
+    assert apply_parallelism(raw, cfg) is raw  # blocks compile in place
+    assert all(b._compiled_call_impl is not None for b in raw.blocks)
+    other = TransformerLM(cfg.model)
+    wrapped = apply_parallelism(other, cfg, compile_mode="model")  # the benchmarks' override
+    assert wrapped is not other and all(b._compiled_call_impl is None for b in other.blocks)
