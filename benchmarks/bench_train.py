@@ -11,8 +11,8 @@ grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), A
   inside, so its loss covers T-1 positions of the same tokens).
 - dist_lm: TransformerLM(attention_backend="auto", fused_loss=True), dist_lm AdamW(fused=True) over
   dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.train.parallel.apply_parallelism
-  for compilation (`--compile-mode model|blocks|cudagraphs`, `--activation-checkpointing`): what train() runs
-  (cudagraphs: experimental, not in the trainer yet).
+  for compilation (`--compile-mode model|blocks|cudagraphs`, default the trainer's train.compile_mode,
+  `--activation-checkpointing`): what train() runs.
 Both see the same random tokens (one fixed batch; the work does not depend on the values).
 
 Measured: compile/warm-up wall time (the first `--warmup` steps, synchronised), then `--steps` steps between

@@ -63,7 +63,7 @@ from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
 from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
-from dist_lm.train.trainer import _fsdp_options, _to_device, ddp_kwargs  # noqa: E402
+from dist_lm.train.trainer import _fsdp_options, _to_device, compiled_as, cuda_graphs, ddp_kwargs  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
 DRY_RUN_SHAPE = (dict(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=256, seq_len=32), 2)
@@ -158,6 +158,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     """(step function, raw model, how it was compiled, extra row fields) built the way trainer.train() builds it."""
     run_cfg = RunConfig(model=cfg)
     run_cfg.train.compile = not args.no_compile
+    run_cfg.train.compile_mode = args.compile_mode
     run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
     raw = TransformerLM(cfg)
     fsdp = _fsdp_options(accelerator, unit=args.fsdp_unit)
@@ -167,7 +168,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     torch._dynamo.config.optimize_ddp = args.ddp_optimizer
     if after_ddp:
         run_cfg.train.compile = False  # compiled below, around the DDP wrapper
-    model = apply_parallelism(raw, run_cfg, compile_mode=args.compile_mode, fsdp=fsdp)
+    model = apply_parallelism(raw, run_cfg, fsdp=fsdp)
     # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in train()).
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
     note = ""
@@ -177,17 +178,16 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:
         model = torch.compile(model)
-    how = "eager" if args.no_compile else ("blocks" if fsdp is not None else
-                                           "model after DDP" if after_ddp else args.compile_mode)
+    how = "model after DDP" if after_ddp else compiled_as(run_cfg, fsdp, accelerator.device)
     device = accelerator.device
     host_x, host_y = x.cpu(), y.cpu()
     lr = HYPER["lr"]
 
     # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
-    graphs = not args.no_compile and fsdp is None and args.compile_mode == "cudagraphs"
+    graphs = cuda_graphs(run_cfg, accelerator.device, fsdp)
 
     def step() -> torch.Tensor:
-        if graphs:  # experimental (not in the trainer): a new iteration for inductor's CUDA graph trees
+        if graphs:  # as the trainer: a new iteration of inductor's CUDA graph trees, once per optimizer step
             torch.compiler.cudagraph_mark_step_begin()
         for group in optimizer.param_groups:
             group["lr"] = lr  # the trainer sets the scheduled lr each step; a constant here

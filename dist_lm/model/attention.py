@@ -29,6 +29,9 @@ _warned: set[str] = set()
 
 def _warn_once(message: str) -> None:
     # warnings' own dedup is per call site and is defeated by "always" filters (pytest, notebooks).
+    # Not while dynamo traces: warnings.warn would break the graph (the eager or first uncompiled call says it).
+    if torch.compiler.is_compiling():
+        return
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)

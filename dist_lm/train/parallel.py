@@ -24,8 +24,11 @@ Design decisions:
   one graph reused by all blocks (same code, same shapes: one compile, not num_layers), so compile time
   stops growing with depth, and a graph break in the head cannot split a block; the loss then runs
   eagerly with its own compiled elementwise helper. benchmarks/bench_train.py --compile-mode measures both.
-  Under FSDP2 the compile is per block, before sharding (torchtitan's recipe): a whole-model graph would
-  have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside them.
+  Under FSDP2 with block units the compile is per block, before sharding (torchtitan's recipe): a whole-model
+  graph would have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside
+  them. With one unit (unit "model") there are no hooks inside the model: the whole forward is compiled after
+  sharding and the root's hooks run around it (one graph, as on one GPU; never CUDA graphs, whose fixed
+  addresses the re-gathered weights do not keep).
 - FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, LM head), so each block's
   parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept until
   the backward (False: more memory, one all-gather fewer per block). With unit "model" only the root is
@@ -158,12 +161,19 @@ def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: Comp
                       fsdp: FSDPOptions | None = None) -> torch.nn.Module:
     """The single-device model with the configured wrappers applied, in the fixed order
     checkpointing -> compile -> FSDP2 (when `fsdp` is given; DDP is left to accelerator.prepare).
-    `compile_mode` overrides cfg.train.compile_mode (benchmarks); FSDP2 always compiles blocks."""
+    `compile_mode` overrides cfg.train.compile_mode (benchmarks). Under FSDP2 the compile follows the unit: each
+    block before sharding (block units), or the whole forward inside the root's hooks after sharding (unit
+    "model")."""
     if cfg.train.activation_checkpointing:
         model = apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        mode = compile_mode or cfg.train.compile_mode
-        model = apply_compile(model, "blocks" if fsdp is not None else mode)
+    whole_under_fsdp = fsdp is not None and fsdp.unit == "model"
+    if cfg.train.compile and not whole_under_fsdp:
+        model = apply_compile(model, "blocks" if fsdp is not None else compile_mode or cfg.train.compile_mode)
     if fsdp is not None:
         model = apply_fsdp(model, fsdp)
+    if cfg.train.compile and whole_under_fsdp:
+        # One FSDP2 unit: its hooks (all-gather before the forward, reduce-scatter after the backward) run eagerly
+        # around one compiled forward, which sees plain gathered parameters. Not as CUDA graphs: the gathered
+        # weights are freed and re-allocated every step, so their addresses are not fixed.
+        model.forward = torch.compile(model.forward)
     return model

@@ -151,7 +151,7 @@ def train(cfg: RunConfig) -> TrainResult:
                             "global_batch_size": cfg.global_batch_size(world)})
         tracker.log_artifact(str(run_dir / "config.yaml"))
     graphs = cuda_graphs(cfg, accelerator.device, fsdp)
-    compiled = "blocks" if fsdp is not None else "cudagraphs" if graphs else t.compile_mode
+    compiled = compiled_as(cfg, fsdp, accelerator.device)
     topology = (f"FSDP2, {fsdp.unit} units" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
         f", compiled ({compiled})" if t.compile else "")
     say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
@@ -383,9 +383,20 @@ def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
     return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
 
 
+def compiled_as(cfg: RunConfig, fsdp: FSDPOptions | None, device: torch.device) -> str:
+    """How apply_parallelism compiles under this topology (for the start line and the benchmarks' rows)."""
+    if not cfg.train.compile:
+        return "eager"
+    if fsdp is not None:
+        return "model" if fsdp.unit == "model" else "blocks"
+    if cfg.train.compile_mode == "cudagraphs" and device.type != "cuda":
+        return "model"  # inductor makes no CUDA graphs without CUDA
+    return cfg.train.compile_mode
+
+
 def cuda_graphs(cfg: RunConfig, device: torch.device, fsdp: FSDPOptions | None) -> bool:
     """Whether the compiled step replays as CUDA graphs (so the loop must mark each step's start)."""
-    return cfg.train.compile and cfg.train.compile_mode == "cudagraphs" and fsdp is None and device.type == "cuda"
+    return compiled_as(cfg, fsdp, device) == "cudagraphs"
 
 
 def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions | None:

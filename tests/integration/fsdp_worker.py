@@ -4,9 +4,10 @@ It goes through the same functions as the trainer (apply_parallelism with FSDPOp
 clipping, the consolidated checkpoint writer), not through Accelerate, which turns FSDP off on the CPU.
 
 usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS UNIT [RESUME_CHECKPOINT]
-       (UNIT: block | model | block+prefetch)
+       (UNIT: block | model | block+prefetch | model+compile)
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, CFG.model.vocab_size, (GLOBAL_BATCH, CFG.model.seq_len + 1), generator=g)
 
 
-def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, fsdp: FSDPOptions | None) -> None:
+def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, fsdp: FSDPOptions | None,
+        compile: bool = False) -> None:
+    cfg = copy.deepcopy(CFG)
+    cfg.train.compile = compile
     torch.manual_seed(0)
     model = TransformerLM(CFG.model)
     start = 0
@@ -50,7 +54,7 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
         load_model_weights(model, ckpt.model_state, resume)
         start = ckpt.state["step"]
     raw = model
-    model = apply_parallelism(model, CFG, fsdp=fsdp)
+    model = apply_parallelism(model, cfg, fsdp=fsdp)
     from torch.distributed.tensor import DTensor
 
     if fsdp is not None:  # really sharded: every parameter is a DTensor holding 1/world of the rows
@@ -79,6 +83,12 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
+    if compile:  # one whole-model graph (block units: one per block code), traced without a break
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+        if fsdp is not None and fsdp.unit == "model":
+            assert getattr(raw.forward, "_torchdynamo_orig_callable", None) is not None  # compiled inside the hooks
     model_state = model_state_full(raw)  # collective under FSDP2: every rank calls it
     tensors, groups = optimizer_to_tensors(opt, names)
     if rank == 0:
@@ -91,7 +101,8 @@ if __name__ == "__main__":
     rank, world = dist.get_rank(), dist.get_world_size()
     out, steps, unit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
-    prefetch = unit.endswith("+prefetch")
-    run(out, steps, resume, rank, world, FSDPOptions(unit=unit.removesuffix("+prefetch"), explicit_prefetch=prefetch))
+    unit, _, extra = unit.partition("+")
+    run(out, steps, resume, rank, world, FSDPOptions(unit=unit, explicit_prefetch=extra == "prefetch"),
+        compile=extra == "compile")
     dist.barrier()
     dist.destroy_process_group()
