@@ -16,7 +16,8 @@ Design decisions:
   it does for launch/train.py. The cost is ~10 s of start-up per run, which the run counts below allow for.
 - Weak scaling: the per-GPU batch is fixed, so tokens/s per GPU at 2 GPUs / at 1 GPU is the efficiency. The
   1-GPU baseline is the plain single-process run (distributed_type NO), what one would run on one GPU; for our
-  FSDP2 rows it is therefore the whole-model compile, and the efficiency includes FSDP2's per-block compile.
+  FSDP2 rows it is therefore the trainer's default compile (CUDA graphs), and the efficiency includes FSDP2's own
+  compile (per block, or the whole forward with one unit).
 - The HF anchor runs in the same session on the same machine (another command of it): HF is compiled before
   `prepare` under DDP, and the FSDP2 rows use Accelerate's plugin with TRANSFORMER_BASED_WRAP on
   LlamaDecoderLayer, as the issue specifies.
@@ -461,13 +462,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=TrainConfig.compile_mode,
-                   help="dist_lm compile granularity for 1 GPU and DDP (FSDP2 always compiles blocks)")
+                   help="dist_lm compile granularity for 1 GPU and DDP (FSDP2 follows --fsdp-unit)")
     p.add_argument("--hf-fsdp-compile", choices=("before-prepare", "regional"), default="before-prepare",
                    help="HF FSDP2 anchor: torch.compile before prepare, or Accelerate's regional compilation")
     p.add_argument("--ddp-defaults", choices=("trainer", "accelerate"), default="trainer",
                    help="dist_lm DDP settings before the knobs below: the trainer's (train.ddp_bucket_mb, gradients "
                         "as bucket views) or Accelerate's (25 MB, copied); the HF anchor always has Accelerate's")
-    p.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP knob (Accelerate's default: 25)")
+    p.add_argument("--bucket-cap-mb", type=int, default=None,
+                   help="DDP knob (trainer: train.ddp_bucket_mb; Accelerate: 25)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP knob")
     p.add_argument("--static-graph", action="store_true", help="DDP knob")
     p.add_argument("--no-broadcast-buffers", action="store_true", help="DDP knob: broadcast_buffers=False")

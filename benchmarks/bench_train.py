@@ -110,7 +110,7 @@ def build(system: str, cfg: ModelConfig, compile_mode: str, checkpointing: bool,
             clip_grad_norm(raw.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 
     return step, raw
 

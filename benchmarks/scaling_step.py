@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--no-compile", action="store_true", help="eager (default: compiled)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=TrainConfig.compile_mode,
-                   help="dist_lm compile granularity without FSDP (FSDP2 always compiles blocks)")
+                   help="dist_lm compile granularity without FSDP (FSDP2 follows --fsdp-unit)")
     p.add_argument("--hf-compile", choices=("before-prepare", "accelerate"), default="before-prepare",
                    help="HF: torch.compile the model before prepare, or leave it to the launcher config's dynamo "
                         "settings (for the FSDP2 plugin's regional compilation)")
@@ -88,11 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first (compilation)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
-    # DDP knobs (accelerate.utils.DistributedDataParallelKwargs); unset = Accelerate's defaults.
+    # DDP knobs (accelerate.utils.DistributedDataParallelKwargs) over --ddp-defaults (dist_lm: the trainer's).
     p.add_argument("--ddp-defaults", choices=("trainer", "accelerate"), default="trainer",
                    help="dist_lm DDP settings before the knobs below: the trainer's (trainer.ddp_kwargs) or "
                         "Accelerate's; the HF anchor always gets Accelerate's")
-    p.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP gradient bucket size (Accelerate: 25)")
+    p.add_argument("--bucket-cap-mb", type=int, default=None,
+                   help="DDP gradient bucket size (trainer: train.ddp_bucket_mb; Accelerate: 25)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP grads alias the buckets")
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
     p.add_argument("--no-broadcast-buffers", action="store_true",

@@ -132,8 +132,9 @@ class TrainConfig:
     """With train.compile: cudagraphs (the whole model, replayed as CUDA graphs: no per-kernel launch cost on the
     host, which otherwise leaves the GPU waiting at small batches; plain "model" where there is no CUDA), model
     (the whole model, kernels launched from the host), or blocks (each Transformer block compiled on its own:
-    shorter compile). Under FSDP2 the blocks are always compiled one by one. benchmarks/README.md has the
-    measurements behind the default."""
+    shorter compile). Ignored without train.compile. Under FSDP2 the compile follows train.fsdp_unit instead:
+    block units compile block by block, one unit compiles the whole forward (never as CUDA graphs).
+    benchmarks/README.md has the measurements behind the default."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in the backward pass: less memory, about a third more
     compute."""
@@ -147,8 +148,8 @@ class TrainConfig:
     """Under DDP: gradient bucket size in MB. Each bucket is all-reduced as soon as its gradients are ready, and a
     compiled model's graph is split at bucket boundaries so that this can happen: small buckets (PyTorch's 25)
     cut the compiled graph into many pieces and slow the step; at 125 a 124M model has four pieces and the
-    all-reduces still overlap the backward (benchmarks/README.md, Scaling). Gradients live in the buckets
-    (gradient_as_bucket_view): no second copy."""
+    all-reduces still overlap the backward (benchmarks/README.md, Scaling). The gradients are views into the
+    buckets (gradient_as_bucket_view): the all-reduced bucket is the gradient, with no copy back."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20

@@ -193,14 +193,15 @@ def train(cfg: RunConfig) -> TrainResult:
             pending_loss.append(step_loss / t.grad_accum_steps)
             done = step + 1
             bar.update(1)
-            if step == start_step and t.compile:
+            # CUDA graphs are recorded on the second step (the first warms up), so that one counts as start-up too.
+            if t.compile and done == min(start_step + (2 if graphs else 1), t.max_steps):
                 if accelerator.device.type == "cuda":
                     torch.cuda.synchronize()  # once, so the figure includes the compiled kernels' first run
                 first_step_s = time.perf_counter() - run_start
                 tracker.log_metrics({"perf/compile_and_first_step_s": first_step_s}, step=done)
                 if is_main:
                     log_jsonl(run_dir / METRICS_FILE, [{"step": done, "perf/compile_and_first_step_s": first_step_s}])
-                say(f"torch.compile + first step: {first_step_s:.1f} s")
+                say(f"torch.compile + first {done - start_step} step(s): {first_step_s:.1f} s")
                 meter.reset(done)
 
             interval = cfg.checkpoint.interval

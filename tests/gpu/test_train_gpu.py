@@ -133,7 +133,8 @@ def _cfg(**model) -> RunConfig:
 
 
 @pytest.mark.parametrize("compile_mode,checkpointing",
-                         [("model", False), ("blocks", False), ("model", True), ("cudagraphs", False)])
+                         [("model", False), ("blocks", False), ("model", True), ("cudagraphs", False),
+                          ("cudagraphs", True)])
 def test_compiled_bf16_steps_match_eager(compile_mode, checkpointing):
     cfg = _cfg()
     torch.manual_seed(0)

@@ -76,7 +76,7 @@ def resumable_copy(run_dir: Path, dest: Path) -> Path:
 def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, shards):
     straight = tmp_path / "fsdp2"
     out = train(straight, shards, "fsdp.yaml")
-    assert "(FSDP2, block units, compiled)" in out and "2 process(es)" in out, out[-2000:]
+    assert "(FSDP2, block units, compiled (blocks))" in out and "2 process(es)" in out, out[-2000:]
     ref = losses(straight)
     assert sorted(ref) == list(range(1, 31)) and ref[30] < ref[1] - 2.0  # it learns (ln 10000 = 9.2 at step 1)
 
@@ -97,7 +97,7 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
     assert "resuming at step 15" in out
     two = resumable_copy(straight, tmp_path / "resumed_2gpu")
     out = train(two, shards, "fsdp.yaml", "train.resume=latest", "train.fsdp_unit=model")
-    assert "resuming at step 15" in out and "(FSDP2, model units, compiled)" in out
+    assert "resuming at step 15" in out and "(FSDP2, model units, compiled (model))" in out
     for resumed in (one, two):
         got = losses(resumed)
         assert sorted(got) == list(range(1, 31))
@@ -116,3 +116,22 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
         text = generate(device)
         assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20, text
         assert generate(device) == text
+
+
+def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards):
+    """The trainer's default compiled path (CUDA graphs, 125 MB buckets, gradients as bucket views) on 2 GPUs
+    against 1 GPU x accumulation 2 at the same global batch: the same micro-batches, so the same curve up to the
+    rounding of two different reductions (eager: identical at every step, benchmarks/README.md)."""
+    two = tmp_path / "ddp"
+    out = train(two, shards, "ddp.yaml")
+    assert "(DDP, compiled (cudagraphs))" in out and "2 process(es)" in out, out[-2000:]
+    one = tmp_path / "single_accum2"
+    out = train(one, shards, "single.yaml", "train.grad_accum_steps=2")
+    assert "(1 process, compiled (cudagraphs))" in out, out[-2000:]
+    a, b = losses(two), losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    diffs = [abs(a[s] - b[s]) for s in range(1, 31)]
+    print("\nDDP 2 GPUs vs 1 GPU x accumulation 2, |loss difference| per step: "
+          + " ".join(f"{d:.1e}" for d in diffs))
+    assert max(diffs[:5]) < 1e-3 and max(diffs) < TOLERANCE, diffs
+    assert a[30] < a[1] - 2.0
