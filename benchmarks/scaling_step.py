@@ -132,7 +132,8 @@ def make_accelerator(args: argparse.Namespace):
     ddp = {}
     if args.system == "dist_lm" and args.ddp_defaults == "trainer":  # what train() hands to its Accelerator
         trainer = ddp_kwargs(RunConfig())
-        ddp.update(bucket_cap_mb=trainer.bucket_cap_mb, gradient_as_bucket_view=trainer.gradient_as_bucket_view)
+        ddp.update(bucket_cap_mb=trainer.bucket_cap_mb, gradient_as_bucket_view=trainer.gradient_as_bucket_view,
+                   broadcast_buffers=trainer.broadcast_buffers)
     if args.bucket_cap_mb is not None:
         ddp["bucket_cap_mb"] = args.bucket_cap_mb
     if args.gradient_as_bucket_view:

@@ -378,10 +378,13 @@ def _check_resumable(cfg: RunConfig, state: dict, path: Path, fingerprint: str, 
 def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
     """How DDP is set up when the launch is DDP (benchmarks/bench_scaling.py measures the same settings).
 
-    Accelerate's defaults differ in two places: 25 MB buckets, which cut a compiled model into ~20 graphs (dynamo
-    splits at bucket boundaries so that the all-reduces can overlap the backward), and gradients copied into the
-    buckets; we use train.ddp_bucket_mb (125) and let the gradients live in the buckets."""
-    return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
+    Accelerate's defaults differ in three places: 25 MB buckets, which cut a compiled model into ~20 graphs (dynamo
+    splits at bucket boundaries so that the all-reduces can overlap the backward), gradients copied into the
+    buckets, and rank 0's buffers broadcast at every forward. We use train.ddp_bucket_mb (125), gradients as views
+    of the buckets, and no buffer broadcast: the model's only buffers are the RoPE tables, computed the same way on
+    every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step."""
+    return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True,
+                                         broadcast_buffers=False)
 
 
 def compiled_as(cfg: RunConfig, fsdp: FSDPOptions | None, device: torch.device) -> str:
