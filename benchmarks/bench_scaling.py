@@ -396,7 +396,9 @@ def compare_losses(rows: list[dict]) -> list[dict]:
                     "mean_abs_diff": sum(diffs.values()) / len(diffs), "final_1gpu": ref[steps[-1]],
                     "final_2gpu": other[steps[-1]], "first_1gpu": ref[steps[0]],
                     "tokens_per_s_1gpu": last_throughput(Path(ok["single"]["run_dir"])),
-                    "tokens_per_s_2gpu": last_throughput(Path(ok[topology]["run_dir"]))})
+                    "tokens_per_s_2gpu": last_throughput(Path(ok[topology]["run_dir"])),
+                    # every step's losses, so the JSON alone tells where two curves parted (run dirs stay behind)
+                    "losses_1gpu": [ref[s] for s in steps], "losses_2gpu": [other[s] for s in steps]})
     return out
 
 
