@@ -57,8 +57,9 @@ from bench_train import SHAPES  # noqa: E402
 from scaling_report import TOPOLOGY_NAMES, _fmt_gib, print_table, versions  # noqa: E402
 from scaling_step import ROW_PREFIX  # noqa: E402
 
-from dist_lm.config import TrainConfig  # noqa: E402
+from dist_lm.config import RunConfig, TrainConfig  # noqa: E402
 from dist_lm.train.parallel import COMPILE_MODES  # noqa: E402
+from dist_lm.train.trainer import ddp_kwargs  # noqa: E402
 
 WORKER = ROOT / "benchmarks" / "scaling_step.py"
 PARTS = ("dist_lm", "hf", "parity", "table")
@@ -166,15 +167,18 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
     if system == "dist_lm" and compiled and topology != "fsdp" and args.compile_mode != TrainConfig.compile_mode:
         parts.append(f"compile {args.compile_mode}")
     if topology == "ddp":
-        if system == "dist_lm" and args.ddp_defaults == "accelerate":
+        # dist_lm starts from the trainer's DDP settings (unless --ddp-defaults accelerate), HF from Accelerate's:
+        # a knob is a variant only where it changes what that start gives.
+        trainer = ddp_kwargs(RunConfig()) if system == "dist_lm" and args.ddp_defaults == "trainer" else None
+        if system == "dist_lm" and trainer is None:
             parts.append("Accelerate's DDP defaults")
-        if args.bucket_cap_mb is not None:
+        if args.bucket_cap_mb is not None and (trainer is None or args.bucket_cap_mb != trainer.bucket_cap_mb):
             parts.append(f"bucket {args.bucket_cap_mb} MB")
-        if args.gradient_as_bucket_view:
+        if args.gradient_as_bucket_view and (trainer is None or not trainer.gradient_as_bucket_view):
             parts.append("grad as bucket view")
         if args.static_graph:
             parts.append("static graph")
-        if args.no_broadcast_buffers:
+        if args.no_broadcast_buffers and (trainer is None or trainer.broadcast_buffers):
             parts.append("no buffer broadcast")
         if args.comm_hook != "none":
             parts.append(f"{args.comm_hook} grads on the wire")
