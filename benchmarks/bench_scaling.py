@@ -42,6 +42,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -64,7 +65,15 @@ from dist_lm.train.trainer import ddp_kwargs  # noqa: E402
 WORKER = ROOT / "benchmarks" / "scaling_step.py"
 PARTS = ("dist_lm", "hf", "parity", "table")
 TOPOLOGIES = ("single", "ddp", "fsdp")
-BASE_PORT = 29610  # one port per run: a just-closed rendezvous port can linger in TIME_WAIT
+BASE_PORT = 29610  # only written into the YAMLs that --part table / the config check never launch
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for one run's rendezvous: fixed ports collide with another benchmark or
+    test on the same host, or with a just-closed rendezvous lingering in TIME_WAIT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
 
 def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path) -> dict:
     """Start one run, wait for it (killing its process group on timeout) and return its row."""
-    cfg = accelerate_config(run.topology, num_processes=run.num_processes, port=BASE_PORT + index, hf=run.hf,
+    cfg = accelerate_config(run.topology, num_processes=run.num_processes, port=free_port(), hf=run.hf,
                             cpu=args.dry_run, regional_compile=run.regional_compile,
                             reshard_after_forward=args.reshard_after_forward)
     config = write_config(cfg, tmp / f"run{index:02d}_{run.topology}.yaml")

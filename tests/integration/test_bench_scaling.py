@@ -1,0 +1,40 @@
+"""benchmarks/bench_scaling.py's CPU dry run (gloo, 2 processes through `accelerate launch`): the plans that the
+GPU measurements run, checked where CI can run them — the worker measures DDP with the trainer's own settings,
+and the trainer on 2 processes gives the same losses as 1 process with accumulation 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, checkout_env, ok
+
+SCRIPT = ROOT / "benchmarks" / "bench_scaling.py"
+
+
+def dry_run(part: str, results: Path, *extra: str) -> dict:
+    ok(subprocess.run([sys.executable, str(SCRIPT), "--part", part, "--dry-run", "--results-dir", str(results),
+                       *extra], capture_output=True, text=True, timeout=300, env=checkout_env()))
+    return json.loads((results / f"bench_scaling_{part}_dry_run.json").read_text())
+
+
+def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
+    from dist_lm.config import RunConfig
+    from dist_lm.train.trainer import ddp_kwargs
+
+    rows = {r["topology"]: r for r in dry_run("dist_lm", tmp_path, "--topologies", "single,ddp")["rows"]}
+    assert rows["single"]["tokens_per_s_per_gpu"] > 0 and rows["single"]["ddp_seen"] is None
+    want = ddp_kwargs(RunConfig())
+    assert rows["ddp"]["ddp_seen"] == {"bucket_cap_mb": want.bucket_cap_mb, "static_graph": False,
+                                       "gradient_as_bucket_view": want.gradient_as_bucket_view,
+                                       "broadcast_buffers": want.broadcast_buffers}
+    assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
+
+
+def test_trainer_two_processes_equal_one_with_accumulation(tmp_path):
+    comparisons = dry_run("parity", tmp_path)["comparisons"]
+    assert [c["pair"] for c in comparisons] == ["2 GPUs DDP vs 1 GPU accum 2"]
+    c = comparisons[0]
+    # fp32 on gloo: the mean of two micro-batch gradients is the same arithmetic either way, so every step agrees.
+    assert c["steps"] == 4 and c["losses_1gpu"] == c["losses_2gpu"], c
+    assert c["final_1gpu"] < c["first_1gpu"]
