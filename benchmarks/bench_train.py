@@ -52,6 +52,7 @@ SHAPES: dict[str, tuple[dict, int]] = {
     "seed-b128": (dict(d_model=512, num_layers=12, num_heads=8, vocab_size=10000, seq_len=256), 128),
 }
 SYSTEMS = ("hf-eager", "hf-compiled", "ours-eager", "ours-compiled")
+EXTRA_SYSTEMS = ("ours-compiled-ckpt",)  # on request (--systems): ours compiled with activation checkpointing
 HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 
@@ -71,7 +72,8 @@ def _hf_model(cfg: ModelConfig) -> torch.nn.Module:
 
 def build(system: str, cfg: ModelConfig, compile_mode: str, checkpointing: bool, clip: bool):
     """(step function taking (x, y), the module) for one system, on CUDA."""
-    compiled = system.endswith("compiled")
+    compiled = "compiled" in system
+    checkpointing = checkpointing or system.endswith("-ckpt")
     if system.startswith("hf"):
         model = _hf_model(cfg).cuda().train()
         opt = torch.optim.AdamW(model.parameters(), **HYPER, weight_decay=WEIGHT_DECAY, fused=True)
@@ -195,6 +197,13 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['shape']} (b{r['batch']}) | {r['system']} | {r['tokens_per_s'] / 1e3:,.0f}k | "
               f"{100 * r['mfu']:.1f}% | {r['step_ms']:.2f} | {ratio} | {r['peak_mem_GiB']:.2f} | "
               f"{r['warmup_s']:.1f} | {r['loss']:.3f} |")
+    for r in rows:  # what activation checkpointing costs and saves, against the same system without it
+        base = next((q for q in rows if q["shape"] == r["shape"] and q["system"] == r["system"].removesuffix("-ckpt")
+                     and "step_ms" in q), None)
+        if r["system"].endswith("-ckpt") and "step_ms" in r and base is not None:
+            print(f"activation checkpointing, {r['shape']}: step {base['step_ms']:.2f} -> {r['step_ms']:.2f} ms "
+                  f"({r['step_ms'] / base['step_ms']:.2f}x), peak memory {base['peak_mem_GiB']:.2f} -> "
+                  f"{r['peak_mem_GiB']:.2f} GiB ({r['peak_mem_GiB'] / base['peak_mem_GiB']:.2f}x)")
 
 
 def profile(shape: str, args) -> None:
@@ -227,7 +236,8 @@ def profile(shape: str, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {list(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma list of {list(SYSTEMS + EXTRA_SYSTEMS)} (the last ones only when named)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per system")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--quick", action="store_true", help="tinystories only, 10 timed steps, 3 warm-up")
@@ -246,7 +256,7 @@ def main() -> None:
         args.shapes, args.steps, args.warmup = "tinystories", 10, 3
     shapes = [s for s in args.shapes.split(",") if s]
     systems = [s for s in args.systems.split(",") if s]
-    for name, known in (("shape", SHAPES), ("system", SYSTEMS)):
+    for name, known in (("shape", SHAPES), ("system", SYSTEMS + EXTRA_SYSTEMS)):
         bad = [s for s in (shapes if name == "shape" else systems) if s not in known]
         if bad:
             raise SystemExit(f"unknown {name}(s) {bad}; choose from {list(known)}")
