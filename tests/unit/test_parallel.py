@@ -19,9 +19,10 @@ def _cfg() -> RunConfig:
     return cfg
 
 
-@pytest.mark.parametrize("mode", ["blocks", "cudagraphs"])
-def test_compile_modes_train_like_eager(mode):
+@pytest.mark.parametrize("mode,checkpointing", [("blocks", False), ("cudagraphs", False), ("cudagraphs", True)])
+def test_compile_modes_train_like_eager(mode, checkpointing):
     cfg = _cfg()
+    cfg.train.activation_checkpointing = checkpointing  # recomputation changes no value
     torch.manual_seed(0)
     eager = TransformerLM(cfg.model)
     raw = copy.deepcopy(eager)
