@@ -56,6 +56,23 @@ def test_two_process_ddp_matches_one_process(tmp_path, sample_shards):
     assert a[6] < a[1] - 0.2  # and it learns
 
 
+def test_compiled_two_process_ddp_with_accumulation_matches_one_process(tmp_path, sample_shards):
+    """train.compile through the trainer's DDP path (the trainer's bucket settings, dynamo under DDP, accumulation
+    under no_sync): 2 processes x 2 micro-batches of 2 == 1 process x 8, and the start line names the compile."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    compiled = ("train.compile=true", "train.compile_mode=cudagraphs")  # without CUDA: one inductor graph
+    out = ok(launch(tiny_run(one, sample_shards, "train.batch_size=8", *compiled), cwd=tmp_path)).stdout
+    assert "(1 process, compiled (model))" in out, out[-2000:]
+    out = ok(launch(tiny_run(two, sample_shards, "train.batch_size=2", "train.grad_accum_steps=2", *compiled),
+                    accelerate_config="cpu_ddp.yaml", cwd=tmp_path)).stdout
+    assert "(DDP, compiled (model))" in out, out[-2000:]
+    a, b = step_losses(one), step_losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
+    assert a[6] < a[1] - 0.2
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, sample_shards):
     big = tmp_path / "big"
     acc = tmp_path / "acc"
