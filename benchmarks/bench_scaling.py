@@ -158,7 +158,7 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
     if args.comm_hook != "none":
         out += ["--comm-hook", args.comm_hook]
     if args.fsdp_unit != "block":
-        out += ["--fsdp-unit", args.fsdp_unit]
+        out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
     if args.ddp_optimizer != "ddp_optimizer":
         out += ["--ddp-optimizer", args.ddp_optimizer]
     if args.ddp_defaults != "trainer":
@@ -199,6 +199,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         parts.append("no reshard after forward")
     if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "model":
         parts.append("whole model one unit")
+    if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "group":
+        parts.append(f"units of {args.fsdp_group_blocks} blocks")
     if topology == "fsdp" and system == "dist_lm" and args.fsdp_prefetch:
         parts.append("explicit prefetch")
     if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
@@ -496,8 +498,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "keeps one graph and all-reduces after the backward")
     p.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false",
                    help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
-    p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
-                   help="dist_lm FSDP2 unit: each block, or the whole model (train.fsdp_unit)")
+    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default="block",
+                   help="dist_lm FSDP2 unit: each block, runs of blocks, or the whole model (train.fsdp_unit)")
+    p.add_argument("--fsdp-group-blocks", type=int, default=4, help="blocks per unit with --fsdp-unit group")
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--child-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",

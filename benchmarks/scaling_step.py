@@ -107,8 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch._dynamo.config.optimize_ddp for DDP around a compiled model: ddp_optimizer (torch's "
                         "default) splits the compiled graph at bucket boundaries so all-reduces overlap the "
                         "backward; no_optimization keeps one graph and all-reduces after the backward")
-    p.add_argument("--fsdp-unit", choices=("block", "model"), default="block",
-                   help="dist_lm FSDP2: each block its own unit, or the whole model one (train.fsdp_unit)")
+    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default="block",
+                   help="dist_lm FSDP2: each block its own unit, runs of --fsdp-group-blocks blocks, or the whole "
+                        "model one (train.fsdp_unit)")
+    p.add_argument("--fsdp-group-blocks", type=int, default=4, help="blocks per unit with --fsdp-unit group")
     p.add_argument("--fsdp-prefetch", action="store_true",
                    help="dist_lm FSDP2 block units: explicit next-block prefetch (FSDPOptions.explicit_prefetch)")
     p.add_argument("--profile", action="store_true",
@@ -163,7 +165,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     run_cfg.train.compile_mode = args.compile_mode
     run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
     raw = TransformerLM(cfg)
-    fsdp = _fsdp_options(accelerator, unit=args.fsdp_unit)
+    fsdp = _fsdp_options(accelerator, unit=args.fsdp_unit, group_blocks=args.fsdp_group_blocks)
     if fsdp is not None and args.fsdp_prefetch:
         fsdp = dataclasses.replace(fsdp, explicit_prefetch=True)
     after_ddp = args.compile_after_ddp and fsdp is None and not args.no_compile

@@ -25,7 +25,7 @@ from dist_lm.errors import UserError
 
 AttentionBackend = Literal["auto", "triton", "sdpa", "reference"]
 MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
-FSDPUnit = Literal["block", "model"]
+FSDPUnit = Literal["block", "group", "model"]
 CompileMode = Literal["model", "blocks", "cudagraphs"]
 
 
@@ -141,9 +141,13 @@ class TrainConfig:
     fsdp_unit: FSDPUnit = "block"
     """Under FSDP2 (an accelerate config with distributed_type FSDP): what one all-gather covers. block: each
     Transformer block is its own unit (gathered just before it runs: the least memory, ~3 collectives per block
-    per step); model: the whole model is one unit (optimizer state, master weights and gradients stay
-    sharded, the bf16 weights are gathered once per step: far fewer collectives and hooks, for models whose
-    blocks are too small to hide them)."""
+    per step); group: train.fsdp_group_blocks consecutive blocks per unit (fewer, larger collectives that still
+    overlap the neighbouring units' compute); model: the whole model is one unit (optimizer state, master
+    weights and gradients stay sharded, the bf16 weights are gathered once per step: the fewest collectives
+    and hooks, none overlapped, for models whose blocks are too small to hide them). With train.compile, group
+    and model units compile the whole forward (FSDP2's hooks run between the graphs), block units each block."""
+    fsdp_group_blocks: int = 4
+    """With train.fsdp_unit=group: how many consecutive Transformer blocks share one FSDP2 unit."""
     ddp_bucket_mb: int = 125
     """Under DDP: gradient bucket size in MB. Each bucket is all-reduced as soon as its gradients are ready, and a
     compiled model's graph is split at bucket boundaries so that this can happen: small buckets (PyTorch's 25)
@@ -395,7 +399,7 @@ def validate(cfg: RunConfig) -> None:
         ("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
         ("train.max_steps", t.max_steps), ("train.eval_interval", t.eval_interval),
         ("train.eval_batches", t.eval_batches), ("train.log_interval", t.log_interval),
-        ("train.ddp_bucket_mb", t.ddp_bucket_mb),
+        ("train.ddp_bucket_mb", t.ddp_bucket_mb), ("train.fsdp_group_blocks", t.fsdp_group_blocks),
     ]:
         need(value >= 1, key, value, "must be a positive integer")
     need(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,

@@ -26,12 +26,14 @@ Design decisions:
   eagerly with its own compiled elementwise helper. benchmarks/bench_train.py --compile-mode measures both.
   Under FSDP2 with block units the compile is per block, before sharding (torchtitan's recipe): a whole-model
   graph would have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside
-  them. With one unit (unit "model") there are no hooks inside the model: the whole forward is compiled after
-  sharding and the root's hooks run around it (one graph, as on one GPU; never CUDA graphs, whose fixed
-  addresses the re-gathered weights do not keep).
+  them. With group units or one unit (unit "model") the whole forward is compiled after sharding: the root's
+  hooks run around it and dynamo splits it where a group's hooks sit (one graph per group, checked on the CPU;
+  never CUDA graphs, whose fixed addresses the re-gathered weights do not keep).
 - FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, LM head), so each block's
   parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept until
-  the backward (False: more memory, one all-gather fewer per block). With unit "model" only the root is
+  the backward (False: more memory, one all-gather fewer per block). Unit "group" shards runs of
+  `group_blocks` consecutive blocks as one unit each (fully_shard of a list of modules: one all-gather, one
+  reduce-scatter per run). With unit "model" only the root is
   sharded: the bf16 weights are gathered once per step and kept until the backward ends, the fp32 master
   weights, gradients and optimizer state stay sharded (fewer hooks and collectives for small models).
   MixedPrecisionPolicy: params in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype)
@@ -109,7 +111,10 @@ class FSDPOptions:
     mesh: object | None = None
     """A 1-D DeviceMesh over the ranks; None builds one over the default process group."""
     unit: str = "block"
-    """"block": fully_shard each TransformerBlock, then the root; "model": the root only (one unit)."""
+    """"block": fully_shard each TransformerBlock, then the root; "group": runs of `group_blocks` consecutive blocks
+    as one unit each, then the root; "model": the root only (one unit)."""
+    group_blocks: int = 4
+    """Blocks per unit when unit is "group"."""
     explicit_prefetch: bool = False
     """Block units: each block's forward (backward) issues the next block's all-gather itself, instead of
     FSDP2's implicit prefetch, which is issued only when the host reaches the next block; for a host that
@@ -133,8 +138,11 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)
-    if options.unit not in ("block", "model"):
-        raise UserError(f"FSDP unit {options.unit!r} is unknown; use 'block' or 'model' (train.fsdp_unit)")
+    if options.unit not in ("block", "group", "model"):
+        raise UserError(f"FSDP unit {options.unit!r} is unknown; use 'block', 'group' or 'model' (train.fsdp_unit)")
+    if options.unit == "group" and options.group_blocks < 1:
+        raise UserError(f"FSDP group units need group_blocks >= 1, got {options.group_blocks} "
+                        "(train.fsdp_group_blocks)")
     if options.unit == "model":
         # One unit: a single all-gather of the bf16 weights before the forward, kept through the backward (a
         # reshard would gather them all again; newer torch honours an explicit True on the root), then one
@@ -144,11 +152,14 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no TransformerBlock to shard")
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+    size = options.group_blocks if options.unit == "group" else 1
+    for start in range(0, len(blocks), size):
+        unit = blocks[start:start + size]
+        fully_shard(unit if options.unit == "group" else unit[0], mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=options.reshard_after_forward)
     # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    if options.explicit_prefetch:
+    if options.explicit_prefetch and options.unit == "block":
         for i, block in enumerate(blocks):
             if i + 1 < len(blocks):
                 block.set_modules_to_forward_prefetch([blocks[i + 1]])
@@ -162,18 +173,18 @@ def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: Comp
     """The single-device model with the configured wrappers applied, in the fixed order
     checkpointing -> compile -> FSDP2 (when `fsdp` is given; DDP is left to accelerator.prepare).
     `compile_mode` overrides cfg.train.compile_mode (benchmarks). Under FSDP2 the compile follows the unit: each
-    block before sharding (block units), or the whole forward inside the root's hooks after sharding (unit
-    "model")."""
+    block before sharding (block units), or the whole forward inside the root's hooks after sharding (group and
+    model units)."""
     if cfg.train.activation_checkpointing:
         model = apply_activation_checkpointing(model)
-    whole_under_fsdp = fsdp is not None and fsdp.unit == "model"
+    whole_under_fsdp = fsdp is not None and fsdp.unit in ("group", "model")
     if cfg.train.compile and not whole_under_fsdp:
         model = apply_compile(model, "blocks" if fsdp is not None else compile_mode or cfg.train.compile_mode)
     if fsdp is not None:
         model = apply_fsdp(model, fsdp)
     if cfg.train.compile and whole_under_fsdp:
-        # One FSDP2 unit: its hooks (all-gather before the forward, reduce-scatter after the backward) run eagerly
-        # around one compiled forward, which sees plain gathered parameters. Not as CUDA graphs: the gathered
-        # weights are freed and re-allocated every step, so their addresses are not fixed.
+        # FSDP2's hooks (all-gathers before a unit's forward, reduce-scatters after its backward) run eagerly between
+        # the compiled pieces, which see plain gathered parameters. Not as CUDA graphs: the gathered weights are
+        # freed and re-allocated every step, so their addresses are not fixed.
         model.forward = torch.compile(model.forward)
     return model

@@ -116,7 +116,7 @@ def train(cfg: RunConfig) -> TrainResult:
         batches.resume_at(start_step, ckpt.state["data"]["samples_consumed"])
 
     raw_model = model  # parameters by their plain names; FSDP2 shards it in place
-    fsdp = _fsdp_options(accelerator, unit=t.fsdp_unit)
+    fsdp = _fsdp_options(accelerator, unit=t.fsdp_unit, group_blocks=t.fsdp_group_blocks)
     model = apply_parallelism(model, cfg, fsdp=fsdp)
     # The optimizer comes after sharding: under FSDP2 it must hold the sharded (DTensor) parameters.
     optimizer = AdamW(param_groups(raw_model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -152,7 +152,9 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.log_artifact(str(run_dir / "config.yaml"))
     graphs = cuda_graphs(cfg, accelerator.device, fsdp)
     compiled = compiled_as(cfg, fsdp, accelerator.device)
-    topology = (f"FSDP2, {fsdp.unit} units" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
+    units = f"groups of {fsdp.group_blocks} blocks" if fsdp is not None and fsdp.unit == "group" else (
+        f"{fsdp.unit} units" if fsdp is not None else "")
+    topology = (f"FSDP2, {units}" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
         f", compiled ({compiled})" if t.compile else "")
     say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
         f"global batch {cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
@@ -392,7 +394,7 @@ def compiled_as(cfg: RunConfig, fsdp: FSDPOptions | None, device: torch.device) 
     if not cfg.train.compile:
         return "eager"
     if fsdp is not None:
-        return "model" if fsdp.unit == "model" else "blocks"
+        return "blocks" if fsdp.unit == "block" else "model"
     if cfg.train.compile_mode == "cudagraphs" and device.type != "cuda":
         return "model"  # inductor makes no CUDA graphs without CUDA
     return cfg.train.compile_mode
@@ -403,7 +405,7 @@ def cuda_graphs(cfg: RunConfig, device: torch.device, fsdp: FSDPOptions | None) 
     return compiled_as(cfg, fsdp, device) == "cudagraphs"
 
 
-def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions | None:
+def _fsdp_options(accelerator: Accelerator, unit: str = "block", group_blocks: int = 4) -> FSDPOptions | None:
     """FSDP2 settings from the accelerate config when launched with distributed_type FSDP, else None."""
     if accelerator.distributed_type != DistributedType.FSDP:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by accelerate launch
@@ -418,7 +420,8 @@ def _fsdp_options(accelerator: Accelerator, unit: str = "block") -> FSDPOptions 
         raise UserError("FSDP2 with fp16 needs a sharded gradient scaler, which dist_lm does not have; use "
                         "mixed_precision bf16")
     dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward), unit=unit)
+    return FSDPOptions(param_dtype=dtype, reshard_after_forward=bool(plugin.reshard_after_forward), unit=unit,
+                       group_blocks=group_blocks)
 
 
 def _save(cfg: RunConfig, accelerator: Accelerator, raw_model: TransformerLM, optimizer: torch.optim.Optimizer,

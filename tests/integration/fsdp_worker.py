@@ -4,7 +4,8 @@ It goes through the same functions as the trainer (apply_parallelism with FSDPOp
 clipping, the consolidated checkpoint writer), not through Accelerate, which turns FSDP off on the CPU.
 
 usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS UNIT [RESUME_CHECKPOINT]
-       (UNIT: block | model | block+prefetch | model+compile)
+       (UNIT: block | model | group | block+prefetch | model+compile | group+compile; groups of 1 block here,
+       through the list form of fully_shard)
 """
 
 import copy
@@ -61,8 +62,8 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
         from torch.distributed.fsdp import FSDPModule
 
         assert all(isinstance(p, DTensor) for p in raw.parameters())
-        # block units: every block is its own FSDP unit; model units: only the root is
-        assert all(isinstance(b, FSDPModule) == (fsdp.unit == "block") for b in raw.blocks)
+        # block and group units: every block is (in) an FSDP unit; model units: only the root is
+        assert all(isinstance(b, FSDPModule) == (fsdp.unit != "model") for b in raw.blocks)
     opt = AdamW(param_groups(raw, 0.1), lr=1e-2)
     names = optimizer_param_names(opt, raw)
     if ckpt:
@@ -87,7 +88,7 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
         from torch._dynamo.utils import counters
 
         assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
-        if fsdp is not None and fsdp.unit == "model":
+        if fsdp is not None and fsdp.unit != "block":
             assert getattr(raw.forward, "_torchdynamo_orig_callable", None) is not None  # compiled inside the hooks
     model_state = model_state_full(raw)  # collective under FSDP2: every rank calls it
     tensors, groups = optimizer_to_tensors(opt, names)
@@ -102,7 +103,7 @@ if __name__ == "__main__":
     out, steps, unit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
     unit, _, extra = unit.partition("+")
-    run(out, steps, resume, rank, world, FSDPOptions(unit=unit, explicit_prefetch=extra == "prefetch"),
+    run(out, steps, resume, rank, world, FSDPOptions(unit=unit, explicit_prefetch=extra == "prefetch", group_blocks=1),
         compile=extra == "compile")
     dist.barrier()
     dist.destroy_process_group()

@@ -69,10 +69,11 @@ def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
     assert_same_checkpoint(list_checkpoints(tmp_path / "ref_more")[-1], list_checkpoints(tmp_path / "up")[-1])
 
 
-@pytest.mark.parametrize("unit", ["model", "block+prefetch", "model+compile"])
+@pytest.mark.parametrize("unit", ["model", "block+prefetch", "model+compile", "group+compile"])
 def test_fsdp_other_sharding_layouts_match_one_process(tmp_path, unit):
-    """The whole model as one unit (eager, and compiled as one graph inside the root's hooks); block units with
-    explicit prefetching: the same run as one (eager) process."""
+    """The whole model as one unit (eager, and compiled as one graph inside the root's hooks); units of blocks
+    with the whole forward compiled across their hooks; block units with explicit prefetching: the same run as
+    one (eager) process."""
     ref = single(tmp_path / "ref", 3)
     whole = torchrun(tmp_path / "whole", 3, unit=unit)
     assert max(abs(a - b) for a, b in zip(ref["losses"], whole["losses"], strict=True)) < 1e-5, (ref, whole)

@@ -67,6 +67,8 @@ def test_yaml_values_and_overrides(tmp_path):
         ("train:\n  batch_size: 0\n", [], "train.batch_size=0"),
         ("", ["train.compile_mode=fast"], "one of 'model', 'blocks', 'cudagraphs'"),
         ("", ["train.ddp_bucket_mb=0"], "train.ddp_bucket_mb=0 is not accepted"),
+        ("", ["train.fsdp_group_blocks=0"], "train.fsdp_group_blocks=0 is not accepted"),
+        ("", ["train.fsdp_unit=layer"], "one of 'block', 'group', 'model'"),
         ("model: 3\n", [], "config section model must be a mapping"),
         ("", ["optim.lr"], "must look like section.key=value"),
     ],
