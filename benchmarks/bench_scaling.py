@@ -201,7 +201,7 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         parts.append("whole model one unit")
     if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "group":
         parts.append(f"units of {args.fsdp_group_blocks} blocks")
-    if topology == "fsdp" and system == "dist_lm" and args.fsdp_prefetch:
+    if topology == "fsdp" and system == "dist_lm" and args.fsdp_prefetch and args.fsdp_unit == "block":
         parts.append("explicit prefetch")
     if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
         parts.append("regional compile")

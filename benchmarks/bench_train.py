@@ -260,6 +260,9 @@ def main() -> None:
         bad = [s for s in (shapes if name == "shape" else systems) if s not in known]
         if bad:
             raise SystemExit(f"unknown {name}(s) {bad}; choose from {list(known)}")
+    if args.activation_checkpointing and any(s.endswith("-ckpt") for s in systems):
+        raise SystemExit("--activation-checkpointing turns checkpointing on in every system, so the -ckpt system "
+                         "would be compared with itself; drop one of the two")
     rows = [measure(shape, system, args) for shape in shapes for system in systems]
     print_table(rows)
     out = os.environ.get("OUT")

@@ -144,8 +144,8 @@ class TrainConfig:
     per step); group: train.fsdp_group_blocks consecutive blocks per unit (fewer, larger collectives that still
     overlap the neighbouring units' compute); model: the whole model is one unit (optimizer state, master
     weights and gradients stay sharded, the bf16 weights are gathered once per step: the fewest collectives
-    and hooks, none overlapped, for models whose blocks are too small to hide them). With train.compile, group
-    and model units compile the whole forward (FSDP2's hooks run between the graphs), block units each block."""
+    and hooks, none overlapped, for models whose blocks are too small to hide them). With train.compile, block
+    and group units compile each block, the model unit the whole forward."""
     fsdp_group_blocks: int = 4
     """With train.fsdp_unit=group: how many consecutive Transformer blocks share one FSDP2 unit."""
     ddp_bucket_mb: int = 125

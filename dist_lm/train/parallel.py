@@ -26,9 +26,10 @@ Design decisions:
   eagerly with its own compiled elementwise helper. benchmarks/bench_train.py --compile-mode measures both.
   Under FSDP2 with block units the compile is per block, before sharding (torchtitan's recipe): a whole-model
   graph would have to trace through FSDP's hooks, and per-block graphs keep each block's all-gather outside
-  them. With group units or one unit (unit "model") the whole forward is compiled after sharding: the root's
-  hooks run around it and dynamo splits it where a group's hooks sit (one graph per group, checked on the CPU;
-  never CUDA graphs, whose fixed addresses the re-gathered weights do not keep).
+  them; group units too (dynamo cannot trace FSDP2's hooks, and a hook inside the loop over the blocks makes it
+  skip the whole forward frame). With one unit (unit "model") there are no hooks inside the model: the whole
+  forward is compiled after sharding and the root's hooks run around it (one graph, as on one GPU; never CUDA
+  graphs, whose fixed addresses the re-gathered weights do not keep).
 - FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, LM head), so each block's
   parameters are all-gathered just before it runs and freed after (reshard_after_forward=True) or kept until
   the backward (False: more memory, one all-gather fewer per block). Unit "group" shards runs of
@@ -159,7 +160,9 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
                     reshard_after_forward=options.reshard_after_forward)
     # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    if options.explicit_prefetch and options.unit == "block":
+    if options.explicit_prefetch and options.unit != "block":
+        raise UserError(f"explicit prefetch is for block units, not {options.unit!r} units")
+    if options.explicit_prefetch:
         for i, block in enumerate(blocks):
             if i + 1 < len(blocks):
                 block.set_modules_to_forward_prefetch([blocks[i + 1]])
@@ -173,18 +176,18 @@ def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: Comp
     """The single-device model with the configured wrappers applied, in the fixed order
     checkpointing -> compile -> FSDP2 (when `fsdp` is given; DDP is left to accelerator.prepare).
     `compile_mode` overrides cfg.train.compile_mode (benchmarks). Under FSDP2 the compile follows the unit: each
-    block before sharding (block units), or the whole forward inside the root's hooks after sharding (group and
-    model units)."""
+    block before sharding (block and group units), or the whole forward inside the root's hooks after sharding
+    (unit "model")."""
     if cfg.train.activation_checkpointing:
         model = apply_activation_checkpointing(model)
-    whole_under_fsdp = fsdp is not None and fsdp.unit in ("group", "model")
+    whole_under_fsdp = fsdp is not None and fsdp.unit == "model"
     if cfg.train.compile and not whole_under_fsdp:
         model = apply_compile(model, "blocks" if fsdp is not None else compile_mode or cfg.train.compile_mode)
     if fsdp is not None:
         model = apply_fsdp(model, fsdp)
     if cfg.train.compile and whole_under_fsdp:
-        # FSDP2's hooks (all-gathers before a unit's forward, reduce-scatters after its backward) run eagerly between
-        # the compiled pieces, which see plain gathered parameters. Not as CUDA graphs: the gathered weights are
-        # freed and re-allocated every step, so their addresses are not fixed.
+        # One FSDP2 unit: its hooks (all-gather before the forward, reduce-scatter after the backward) run eagerly
+        # around one compiled forward, which sees plain gathered parameters. Not as CUDA graphs: the gathered
+        # weights are freed and re-allocated every step, so their addresses are not fixed.
         model.forward = torch.compile(model.forward)
     return model

@@ -394,7 +394,7 @@ def compiled_as(cfg: RunConfig, fsdp: FSDPOptions | None, device: torch.device) 
     if not cfg.train.compile:
         return "eager"
     if fsdp is not None:
-        return "blocks" if fsdp.unit == "block" else "model"
+        return "model" if fsdp.unit == "model" else "blocks"
     if cfg.train.compile_mode == "cudagraphs" and device.type != "cuda":
         return "model"  # inductor makes no CUDA graphs without CUDA
     return cfg.train.compile_mode

@@ -4,12 +4,13 @@ It goes through the same functions as the trainer (apply_parallelism with FSDPOp
 clipping, the consolidated checkpoint writer), not through Accelerate, which turns FSDP off on the CPU.
 
 usage: torchrun --nproc_per_node N fsdp_worker.py OUT_DIR STEPS UNIT [RESUME_CHECKPOINT]
-       (UNIT: block | model | group | block+prefetch | model+compile | group+compile; groups of 1 block here,
-       through the list form of fully_shard)
+       (UNIT: block | model | group | block+prefetch | model+compile | group+compile; group = both blocks of
+       this 2-block model in one unit, through the list form of fully_shard)
 """
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,12 +85,13 @@ def run(out_dir: Path, steps: int, resume: Path | None, rank: int, world: int, f
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    if compile:  # one whole-model graph (block units: one per block code), traced without a break
+    if compile:  # every frame dynamo met compiled (a break in a loop skips a frame and leaves it eager)
         from torch._dynamo.utils import counters
 
-        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
-        if fsdp is not None and fsdp.unit != "block":
-            assert getattr(raw.forward, "_torchdynamo_orig_callable", None) is not None  # compiled inside the hooks
+        assert counters["frames"]["ok"] == counters["frames"]["total"] > 0, dict(counters["frames"])
+        assert not counters["unimplemented"] and not counters["graph_break"], dict(counters["unimplemented"])
+        if fsdp is not None and fsdp.unit == "model":  # the whole forward, one graph inside the root's hooks
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     model_state = model_state_full(raw)  # collective under FSDP2: every rank calls it
     tensors, groups = optimizer_to_tensors(opt, names)
     if rank == 0:
@@ -103,7 +105,12 @@ if __name__ == "__main__":
     out, steps, unit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     resume = Path(sys.argv[4]) if len(sys.argv) > 4 else None
     unit, _, extra = unit.partition("+")
-    run(out, steps, resume, rank, world, FSDPOptions(unit=unit, explicit_prefetch=extra == "prefetch", group_blocks=1),
+    run(out, steps, resume, rank, world, FSDPOptions(unit=unit, explicit_prefetch=extra == "prefetch", group_blocks=2),
         compile=extra == "compile")
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without running interpreter/C++ teardown: gloo's background threads were seen to abort the process
+    # there ("terminate called without an active exception", 2 of 16 runs) after all results were written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -71,9 +71,9 @@ def test_fsdp_two_processes_match_one_and_checkpoints_move(tmp_path):
 
 @pytest.mark.parametrize("unit", ["model", "block+prefetch", "model+compile", "group+compile"])
 def test_fsdp_other_sharding_layouts_match_one_process(tmp_path, unit):
-    """The whole model as one unit (eager, and compiled as one graph inside the root's hooks); units of blocks
-    with the whole forward compiled across their hooks; block units with explicit prefetching: the same run as
-    one (eager) process."""
+    """The whole model as one unit (eager, and compiled as one graph inside the root's hooks); a run of blocks as
+    one unit, compiled block by block; block units with explicit prefetching: the same run as one (eager)
+    process."""
     ref = single(tmp_path / "ref", 3)
     whole = torchrun(tmp_path / "whole", 3, unit=unit)
     assert max(abs(a - b) for a, b in zip(ref["losses"], whole["losses"], strict=True)) < 1e-5, (ref, whole)

@@ -27,6 +27,7 @@ def test_compile_modes_train_like_eager(mode, checkpointing):
     eager = TransformerLM(cfg.model)
     raw = copy.deepcopy(eager)
     compiled = apply_parallelism(raw, cfg, compile_mode=mode)
+    assert all(getattr(b.forward, "_dist_lm_checkpointed", False) == checkpointing for b in raw.blocks)
     if mode == "blocks":  # compiled in place: the blocks are compiled modules, the model object is the same
         assert compiled is raw and all(b._compiled_call_impl is not None for b in raw.blocks)
     opts = [AdamW(param_groups(m, 0.1), lr=1e-2, fused=False) for m in (eager, raw)]
