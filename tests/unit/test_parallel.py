@@ -60,3 +60,22 @@ def test_the_configured_compile_mode_applies_unless_overridden():
     other = TransformerLM(cfg.model)
     wrapped = apply_parallelism(other, cfg, compile_mode="model")  # the benchmarks' override
     assert wrapped is not other and all(b._compiled_call_impl is None for b in other.blocks)
+
+
+def test_how_the_trainer_compiles_per_topology():
+    """compiled_as names what apply_parallelism does, and cuda_graphs (the loop's cue to mark each step) is true
+    exactly when the compiled step replays as CUDA graphs: compiled, cudagraphs mode, no FSDP, a CUDA device."""
+    from dist_lm.train.parallel import FSDPOptions
+    from dist_lm.train.trainer import compiled_as, cuda_graphs
+
+    cfg, cuda, cpu = _cfg(), torch.device("cuda", 0), torch.device("cpu")
+    assert cfg.train.compile_mode == "cudagraphs"  # the default
+    assert compiled_as(cfg, None, cuda) == "cudagraphs" and cuda_graphs(cfg, cuda, None)
+    assert compiled_as(cfg, None, cpu) == "model" and not cuda_graphs(cfg, cpu, None)
+    for unit, want in (("block", "blocks"), ("group", "blocks"), ("model", "model")):
+        assert compiled_as(cfg, FSDPOptions(unit=unit), cuda) == want
+        assert not cuda_graphs(cfg, cuda, FSDPOptions(unit=unit))
+    cfg.train.compile_mode = "blocks"
+    assert compiled_as(cfg, None, cuda) == "blocks" and not cuda_graphs(cfg, cuda, None)
+    cfg.train.compile = False
+    assert compiled_as(cfg, None, cuda) == "eager"
