@@ -55,6 +55,16 @@ SYSTEMS = ("hf-eager", "hf-compiled", "ours-eager", "ours-compiled")
 EXTRA_SYSTEMS = ("ours-compiled-ckpt",)  # on request (--systems): ours compiled with activation checkpointing
 HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
+MAX_WINDOWS = 5
+
+
+def window_sizes(steps: int) -> list[int]:
+    """Timed steps split into up to MAX_WINDOWS windows of at least 5 steps (each window refills the pipeline).
+
+    The median window is reported: the lent machines showed one-off host stalls that moved a single mean over
+    all steps by 20-30% between calls (bench_scaling's worker times its windows the same way)."""
+    windows = max(1, min(MAX_WINDOWS, steps // 5))
+    return [steps // windows + (i < steps % windows) for i in range(windows)]
 
 
 def _hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -143,12 +153,8 @@ def measure(shape: str, system: str, args) -> dict:
             loss = step(x, y)
         torch.cuda.synchronize()
         row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
-        # Up to 5 windows, the median reported: the lent machines showed one-off host stalls that moved a
-        # single mean over all steps by 20-30% between calls.
-        windows = max(1, min(5, steps // 5))  # >= 5 steps a window: each window refills the pipeline
         window_ms = []
-        for i in range(windows):
-            size = steps // windows + (i < steps % windows)
+        for size in window_sizes(steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(size):

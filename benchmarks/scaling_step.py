@@ -55,7 +55,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model  # noqa: E402
+from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, window_sizes  # noqa: E402
 
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.kernels import flash_attention  # noqa: E402
@@ -133,9 +133,7 @@ def make_accelerator(args: argparse.Namespace):
 
     ddp = {}
     if args.system == "dist_lm" and args.ddp_defaults == "trainer":  # what train() hands to its Accelerator
-        trainer = ddp_kwargs(RunConfig())
-        ddp.update(bucket_cap_mb=trainer.bucket_cap_mb, gradient_as_bucket_view=trainer.gradient_as_bucket_view,
-                   broadcast_buffers=trainer.broadcast_buffers)
+        ddp.update(ddp_kwargs(RunConfig()).to_kwargs())  # what it sets apart from DDP's defaults
     if args.bucket_cap_mb is not None:
         ddp["bucket_cap_mb"] = args.bucket_cap_mb
     if args.gradient_as_bucket_view:
@@ -260,14 +258,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-WINDOWS = 5
-
-
 def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int) -> tuple[float, list[float], float]:
     """(warm-up seconds, seconds per step in each timed window, last loss) on this rank.
 
-    The timed steps are split into up to WINDOWS windows of at least 5 steps, each started together on all
-    ranks and closed with a device sync: the lent machines showed one-off stalls of tens of ms (host or
+    The timed steps are split into bench_train.window_sizes windows, each started together on all ranks and
+    closed with a device sync: the lent machines showed one-off stalls of tens of ms (host or
     peer), which a single mean over 10 steps turned into a 20-30% swing between calls; the median window is
     robust to one of them."""
     device = accelerator.device
@@ -277,10 +272,8 @@ def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int
         step()
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    windows = max(1, min(WINDOWS, steps // 5))  # >= 5 steps a window: each window refills the pipeline
-    sizes = [steps // windows + (i < steps % windows) for i in range(windows)]
     per_step = []
-    for size in sizes:
+    for size in window_sizes(steps):
         accelerator.wait_for_everyone()  # start each window together: a late rank would stall the others
         _sync(device)
         t0 = time.perf_counter()

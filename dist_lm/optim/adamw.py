@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from dist_lm.errors import UserError
+from dist_lm.optim.clip import local_shard
 
 _warned: set[str] = set()
 
@@ -43,18 +44,6 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise: what a kernel can address.
-
-    Under no_grad, DTensor.to_local() is the `_local_tensor` attribute plus an autograd Function call, ~5 us
-    each; at 4 tensors per parameter every step that was milliseconds of host time, so read the attribute."""
-    local = getattr(t, "_local_tensor", None)
-    if local is not None:
-        return local
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def _load_fused():
@@ -168,7 +157,7 @@ class AdamW(torch.optim.Optimizer):
         if self.fused is False:
             return False
         module, reason = _load_fused()
-        params, grads, exp_avgs, exp_avg_sqs = ([_local(t) for t in ts] for ts in tensors) if module else tensors
+        params, grads, exp_avgs, exp_avg_sqs = ([local_shard(t) for t in ts] for ts in tensors) if module else tensors
         plan = None
         if module is not None:
             # A cached plan holds these very tensors (same addresses, kept alive by the plan), checked when it

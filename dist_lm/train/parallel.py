@@ -144,6 +144,8 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     if options.unit == "group" and options.group_blocks < 1:
         raise UserError(f"FSDP group units need group_blocks >= 1, got {options.group_blocks} "
                         "(train.fsdp_group_blocks)")
+    if options.explicit_prefetch and options.unit != "block":
+        raise UserError(f"explicit prefetch is for block units, not {options.unit!r} units")
     if options.unit == "model":
         # One unit: a single all-gather of the bf16 weights before the forward, kept through the backward (a
         # reshard would gather them all again; newer torch honours an explicit True on the root), then one
@@ -153,15 +155,12 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no TransformerBlock to shard")
-    size = options.group_blocks if options.unit == "group" else 1
-    for start in range(0, len(blocks), size):
-        unit = blocks[start:start + size]
-        fully_shard(unit if options.unit == "group" else unit[0], mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=options.reshard_after_forward)
+    size = options.group_blocks
+    units = [blocks[i:i + size] for i in range(0, len(blocks), size)] if options.unit == "group" else blocks
+    for unit in units:  # a list of blocks is one unit: fully_shard gathers and reduces them together
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
     # The root's parameters (embedding, final norm, head) are gathered for the whole step anyway.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    if options.explicit_prefetch and options.unit != "block":
-        raise UserError(f"explicit prefetch is for block units, not {options.unit!r} units")
     if options.explicit_prefetch:
         for i, block in enumerate(blocks):
             if i + 1 < len(blocks):

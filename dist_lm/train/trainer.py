@@ -150,12 +150,16 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,
                             "global_batch_size": cfg.global_batch_size(world)})
         tracker.log_artifact(str(run_dir / "config.yaml"))
-    graphs = cuda_graphs(cfg, accelerator.device, fsdp)
     compiled = compiled_as(cfg, fsdp, accelerator.device)
-    units = f"groups of {fsdp.group_blocks} blocks" if fsdp is not None and fsdp.unit == "group" else (
-        f"{fsdp.unit} units" if fsdp is not None else "")
-    topology = (f"FSDP2, {units}" if fsdp is not None else "DDP" if world > 1 else "1 process") + (
-        f", compiled ({compiled})" if t.compile else "")
+    graphs = compiled == "cudagraphs"
+    if fsdp is None:
+        topology = "DDP" if world > 1 else "1 process"
+    elif fsdp.unit == "group":
+        topology = f"FSDP2, groups of {fsdp.group_blocks} blocks"
+    else:
+        topology = f"FSDP2, {fsdp.unit} units"
+    if t.compile:
+        topology += f", compiled ({compiled})"
     say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
         f"global batch {cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
         f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'} | run_dir {run_dir}")
