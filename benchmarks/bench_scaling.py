@@ -1,9 +1,10 @@
-"""Data-parallel scaling on one host: dist_lm DDP and FSDP2 vs HF Llama + Accelerate, 1 and 2 GPUs, and loss parity.
+"""Data-parallel scaling on one host: dist_lm DDP and FSDP2 vs HF Llama + Accelerate, 1 to N GPUs, and loss parity.
 
-Run on a 2-GPU machine, one part per command (each under 8 minutes on 2xH100, compilation included):
+Run on a machine of 2 or more GPUs, one part per command (each under 8 minutes on 2xH100, compilation included):
     python benchmarks/bench_scaling.py --part dist_lm   # ours: 1 GPU, DDP, FSDP2; compiled (+ eager at 124m)
     python benchmarks/bench_scaling.py --part hf        # the anchor: LlamaForCausalLM, Accelerate DDP / FSDP2
     python benchmarks/bench_scaling.py --part parity    # the real trainer, 1 vs 2 GPUs at one global batch
+`--gpus 2,4,8` runs the DDP/FSDP2 rows and the parity pairs at each of those GPU counts (default 2).
 Each part prints the table of every part found in --results-dir (default runs/bench_scaling, which stays on a
 warm device between calls), so the last command prints the whole comparison; `--part table` only prints it.
 Rows go to <results-dir>/bench_scaling_<part>[_<tag>].json and to $OUT when set. `--dry-run` checks it all on
@@ -14,7 +15,7 @@ Design decisions:
   --config_file generated per run: a fresh process per row, so no compiled graph, allocator state or process
   group leaks from one configuration into the next, and the topology comes from the launcher config exactly as
   it does for launch/train.py. The cost is ~10 s of start-up per run, which the run counts below allow for.
-- Weak scaling: the per-GPU batch is fixed, so tokens/s per GPU at 2 GPUs / at 1 GPU is the efficiency. The
+- Weak scaling: the per-GPU batch is fixed, so tokens/s per GPU at N GPUs / at 1 GPU is the efficiency. The
   1-GPU baseline is the plain single-process run (distributed_type NO), what one would run on one GPU; for our
   FSDP2 rows it is therefore the trainer's default compile (CUDA graphs), and the efficiency includes FSDP2's own
   compile (per block, or the whole forward with one unit).
@@ -23,8 +24,8 @@ Design decisions:
   LlamaDecoderLayer, as the issue specifies.
 - A per-part time budget (--budget-s): a run that would not finish in it is skipped and reported as skipped,
   never silently dropped; each run also has a timeout after which its process group is killed.
-- Loss parity uses the real trainer (launch/train.py) at one global batch: 1 GPU with grad_accum 2 x B against
-  2 GPUs x B (DDP and FSDP2), and compares the per-step train/loss of the metrics.jsonl files.
+- Loss parity uses the real trainer (launch/train.py) at one global batch: 1 GPU with grad_accum N x B against
+  N GPUs x B (DDP and FSDP2), and compares the per-step train/loss of the metrics.jsonl files.
 """
 
 from __future__ import annotations
@@ -157,8 +158,7 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--compile-after-ddp", args.compile_after_ddp), ("--profile", args.profile)) if on]
     if args.comm_hook != "none":
         out += ["--comm-hook", args.comm_hook]
-    if args.fsdp_unit != "block":
-        out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
+    out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
     if args.ddp_optimizer != "ddp_optimizer":
         out += ["--ddp-optimizer", args.ddp_optimizer]
     if args.ddp_defaults != "trainer":
@@ -197,10 +197,9 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append("compiled after DDP")
     if topology == "fsdp" and not args.reshard_after_forward:
         parts.append("no reshard after forward")
-    if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "model":
-        parts.append("whole model one unit")
-    if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit == "group":
-        parts.append(f"units of {args.fsdp_group_blocks} blocks")
+    if topology == "fsdp" and system == "dist_lm" and args.fsdp_unit != TrainConfig.fsdp_unit:  # the trainer's
+        parts.append({"model": "whole model one unit", "block": "block units",
+                      "group": f"units of {args.fsdp_group_blocks} blocks"}[args.fsdp_unit])
     if topology == "fsdp" and system == "dist_lm" and args.fsdp_prefetch and args.fsdp_unit == "block":
         parts.append("explicit prefetch")
     if system == "hf" and topology == "fsdp" and compiled and args.hf_fsdp_compile == "regional":
@@ -224,7 +223,7 @@ def plan_benchmark(system: str, args: argparse.Namespace) -> list[Run]:
         for shape in shapes:
             if not compiled and not args.dry_run and shape not in args.eager_shapes:
                 continue
-            for topology in args.topologies:
+            for topology, n in _topology_sizes(args):
                 if system == "hf" and topology == "fsdp" and shape not in args.hf_fsdp_shapes + ["dry-run"]:
                     continue
                 if args.dry_run and topology == "fsdp":
@@ -236,14 +235,19 @@ def plan_benchmark(system: str, args: argparse.Namespace) -> list[Run]:
                     script_args.append("--no-compile")
                 if regional:
                     script_args += ["--hf-compile", "accelerate"]
-                n = 1 if topology == "single" else 2
-                label = f"{system} {shape} {topology} {'compiled' if compiled else 'eager'}"
+                size = "" if topology == "single" else f" x{n}"
+                label = f"{system} {shape} {topology}{size} {'compiled' if compiled else 'eager'}"
                 script_args += ["--tag", label]
                 runs.append(Run(label, topology, n, script_args, hf=system == "hf", regional_compile=regional,
-                                info={"system": system, "shape": shape, "topology": topology, "compiled": compiled,
-                                      "variant": variant(args, system, topology, compiled),
+                                info={"system": system, "shape": shape, "topology": topology, "num_gpus": n,
+                                      "compiled": compiled, "variant": variant(args, system, topology, compiled),
                                       "baseline_key": _baseline_key(args, system, shape, compiled)}))
     return runs
+
+
+def _topology_sizes(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(topology, processes) in plan order: the 1-GPU baseline once, each multi-GPU topology at every --gpus."""
+    return [(t, n) for t in args.topologies for n in ([1] if t == "single" else args.gpus)]
 
 
 def _baseline_key(args: argparse.Namespace, system: str, shape: str, compiled: bool) -> str:
@@ -256,7 +260,8 @@ PARITY_MODEL = {"demo": {}}  # the demo config's own small model (d128 L4, seq 1
 
 
 def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
-    """1 GPU x (B, accumulation 2) vs 2 GPUs x (B, accumulation 1): the same global batch, the same windows."""
+    """Per N in --gpus: 1 GPU x (B, accumulation N) vs N GPUs x (B, accumulation 1), DDP and FSDP2: the same
+    global batch, made of the same micro-batches."""
     steps = 4 if args.dry_run else (50 if args.quick else args.parity_steps)
     batch = 2 if args.dry_run else args.parity_batch
     common = ["--config", str(ROOT / "configs" / "demo.yaml"), f"train.max_steps={steps}",
@@ -271,15 +276,16 @@ def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
         kwargs, _ = SHAPES[args.parity_shape]
         common += [f"model.{k}={v}" for k, v in kwargs.items()]
     runs = []
-    topologies = ["single", "ddp"] if args.dry_run else ["single", "ddp", "fsdp"]
-    for topology in topologies:
-        n, accum = (1, 2) if topology == "single" else (2, 1)
-        run_dir = results / "parity" / topology
-        script_args = [*common, f"train.grad_accum_steps={accum}", f"run_dir={run_dir}", f"name=parity_{topology}"]
-        runs.append(Run(f"trainer {topology} x{n} accum {accum}", topology, n, script_args,
-                        script=ROOT / "launch" / "train.py",
-                        info={"run_dir": str(run_dir), "topology": topology, "num_gpus": n, "grad_accum": accum,
-                              "batch_per_gpu": batch, "steps": steps}))
+    for gpus in args.gpus:
+        plan = [("single", 1, gpus)] + [(t, gpus, 1) for t in (("ddp",) if args.dry_run else ("ddp", "fsdp"))]
+        for topology, n, accum in plan:
+            run_dir = results / "parity" / (f"single_accum{accum}" if topology == "single" else f"{topology}_x{n}")
+            script_args = [*common, f"train.grad_accum_steps={accum}", f"run_dir={run_dir}",
+                           f"name=parity_{run_dir.name}"]
+            runs.append(Run(f"trainer {topology} x{n} accum {accum}", topology, n, script_args,
+                            script=ROOT / "launch" / "train.py",
+                            info={"run_dir": str(run_dir), "topology": topology, "num_gpus": n, "grad_accum": accum,
+                                  "batch_per_gpu": batch, "steps": steps}))
     return runs
 
 
@@ -390,30 +396,34 @@ def last_throughput(run_dir: Path) -> float | None:
 
 
 def compare_losses(rows: list[dict]) -> list[dict]:
-    """One comparison row per 2-GPU run against the 1-GPU run: max and mean |loss difference| per step."""
-    ok = {r["topology"]: r for r in rows if "error" not in r}
-    if "single" not in ok:
-        return []
-    ref = read_losses(Path(ok["single"]["run_dir"]))
+    """One comparison row per multi-GPU run against the 1-GPU run at the same global batch (accumulation N):
+    max and mean |loss difference| per step."""
+    ok = [r for r in rows if "error" not in r]
     out = []
-    for topology in ("ddp", "fsdp"):
-        if topology not in ok:
+    for r in ok:
+        if r["topology"] == "single":
             continue
-        other = read_losses(Path(ok[topology]["run_dir"]))
+        n = r["num_gpus"]
+        single = next((q for q in ok if q["topology"] == "single" and q["grad_accum"] == n), None)
+        pair = f"{n} GPUs {TOPOLOGY_NAMES[r['topology']]} vs 1 GPU accum {n}"
+        if single is None:
+            out.append({"pair": pair, "num_gpus": n, "error": f"the 1-GPU accum {n} run failed or did not run"})
+            continue
+        ref, other = read_losses(Path(single["run_dir"])), read_losses(Path(r["run_dir"]))
         steps = sorted(set(ref) & set(other))
         if not steps or len(steps) != len(ref):
-            out.append({"pair": f"{topology} vs single", "error": f"steps differ: {len(ref)} vs {len(other)} logged"})
+            out.append({"pair": pair, "num_gpus": n, "error": f"steps differ: {len(ref)} vs {len(other)} logged"})
             continue
         diffs = {s: abs(ref[s] - other[s]) for s in steps}
         worst = max(diffs, key=diffs.get)
-        out.append({"pair": f"2 GPUs {TOPOLOGY_NAMES[topology]} vs 1 GPU accum 2", "steps": len(steps),
+        out.append({"pair": pair, "num_gpus": n, "steps": len(steps),
                     "max_abs_diff": diffs[worst], "max_at_step": worst,
                     "mean_abs_diff": sum(diffs.values()) / len(diffs), "final_1gpu": ref[steps[-1]],
-                    "final_2gpu": other[steps[-1]], "first_1gpu": ref[steps[0]],
-                    "tokens_per_s_1gpu": last_throughput(Path(ok["single"]["run_dir"])),
-                    "tokens_per_s_2gpu": last_throughput(Path(ok[topology]["run_dir"])),
+                    "final_ngpu": other[steps[-1]], "first_1gpu": ref[steps[0]],
+                    "tokens_per_s_1gpu": last_throughput(Path(single["run_dir"])),
+                    "tokens_per_s_ngpu": last_throughput(Path(r["run_dir"])),
                     # every step's losses, so the JSON alone tells where two curves parted (run dirs stay behind)
-                    "losses_1gpu": [ref[s] for s in steps], "losses_2gpu": [other[s] for s in steps]})
+                    "losses_1gpu": [ref[s] for s in steps], "losses_ngpu": [other[s] for s in steps]})
     return out
 
 
@@ -456,6 +466,16 @@ def _csv(choices: tuple[str, ...] | list[str]):
     return parse
 
 
+def _gpu_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(s) for s in text.split(",") if s})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not counts or counts[0] < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU counts must be >= 2 (the 1-GPU baseline always runs)")
+    return counts
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -471,7 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--part", choices=PARTS, required=True, help="what to run; 'table' only prints saved results")
     p.add_argument("--shapes", type=_csv(tuple(SHAPES)), default=["124m", "tinystories"], help="comma list")
     p.add_argument("--topologies", type=_csv(TOPOLOGIES), default=list(TOPOLOGIES),
-                   help="comma list of single (1 GPU), ddp, fsdp (2 GPUs)")
+                   help="comma list of single (1 GPU), ddp, fsdp (at each --gpus)")
+    p.add_argument("--gpus", type=_gpu_counts, default=[2],
+                   help="comma list of GPU counts (>= 2) for the ddp and fsdp rows and the parity runs, e.g. 2,4,8")
     p.add_argument("--eager-shapes", type=_csv(tuple(SHAPES)), default=["124m"], help="shapes also run eager")
     p.add_argument("--hf-fsdp-shapes", type=_csv(tuple(SHAPES)), default=["124m"],
                    help="shapes of the HF FSDP2-plugin anchor")
@@ -498,9 +520,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "keeps one graph and all-reduces after the backward")
     p.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false",
                    help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
-    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default="block",
+    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default=TrainConfig.fsdp_unit,
                    help="dist_lm FSDP2 unit: each block, runs of blocks, or the whole model (train.fsdp_unit)")
-    p.add_argument("--fsdp-group-blocks", type=int, default=4, help="blocks per unit with --fsdp-unit group")
+    p.add_argument("--fsdp-group-blocks", type=int, default=TrainConfig.fsdp_group_blocks,
+                   help="blocks per unit with --fsdp-unit group")
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--child-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
@@ -541,15 +564,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     results.mkdir(parents=True, exist_ok=True)
     gpu_count, gpu = _gpus()
-    if not args.dry_run and gpu_count < 2:
-        raise SystemExit(f"bench_scaling needs 2 CUDA GPUs (found {gpu_count}); --dry-run checks it on the CPU")
+    if not args.dry_run and gpu_count < max(args.gpus):
+        raise SystemExit(f"--gpus {','.join(map(str, args.gpus))} needs {max(args.gpus)} CUDA GPUs (found "
+                         f"{gpu_count}); --dry-run checks it on the CPU")
     # Every YAML this part can use is checked through Accelerate's loader before anything runs.
     with tempfile.TemporaryDirectory() as tmp:
         for topology in TOPOLOGIES:
             for hf in (False, True):
-                n = 1 if topology == "single" else 2
-                write_config(accelerate_config(topology, num_processes=n, port=BASE_PORT, hf=hf),
-                             Path(tmp) / f"{topology}_{hf}.yaml")
+                for n in ([1] if topology == "single" else args.gpus):
+                    write_config(accelerate_config(topology, num_processes=n, port=BASE_PORT, hf=hf),
+                                 Path(tmp) / f"{topology}_{n}_{hf}.yaml")
         write_config(accelerate_config("ddp", num_processes=2, port=BASE_PORT, cpu=True), Path(tmp) / "cpu.yaml")
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -107,10 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch._dynamo.config.optimize_ddp for DDP around a compiled model: ddp_optimizer (torch's "
                         "default) splits the compiled graph at bucket boundaries so all-reduces overlap the "
                         "backward; no_optimization keeps one graph and all-reduces after the backward")
-    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default="block",
+    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default=TrainConfig.fsdp_unit,
                    help="dist_lm FSDP2: each block its own unit, runs of --fsdp-group-blocks blocks, or the whole "
                         "model one (train.fsdp_unit)")
-    p.add_argument("--fsdp-group-blocks", type=int, default=4, help="blocks per unit with --fsdp-unit group")
+    p.add_argument("--fsdp-group-blocks", type=int, default=TrainConfig.fsdp_group_blocks,
+                   help="blocks per unit with --fsdp-unit group")
     p.add_argument("--fsdp-prefetch", action="store_true",
                    help="dist_lm FSDP2 block units: explicit next-block prefetch (FSDPOptions.explicit_prefetch)")
     p.add_argument("--profile", action="store_true",

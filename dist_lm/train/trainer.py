@@ -35,7 +35,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
+from dist_lm.config import RunConfig, TrainConfig, config_to_dict, flatten_config, save_config
 from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, load_manifest, prepare_shards
 from dist_lm.errors import UserError
 from dist_lm.model import TransformerLM, generate
@@ -409,7 +409,8 @@ def cuda_graphs(cfg: RunConfig, device: torch.device, fsdp: FSDPOptions | None) 
     return compiled_as(cfg, fsdp, device) == "cudagraphs"
 
 
-def _fsdp_options(accelerator: Accelerator, unit: str = "block", group_blocks: int = 4) -> FSDPOptions | None:
+def _fsdp_options(accelerator: Accelerator, unit: str = TrainConfig.fsdp_unit,
+                  group_blocks: int = TrainConfig.fsdp_group_blocks) -> FSDPOptions | None:
     """FSDP2 settings from the accelerate config when launched with distributed_type FSDP, else None."""
     if accelerator.distributed_type != DistributedType.FSDP:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by accelerate launch

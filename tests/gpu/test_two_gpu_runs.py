@@ -1,4 +1,5 @@
-"""The trainer on two GPUs through `accelerate launch`: FSDP2 with compile, checkpoints that move between GPU counts.
+"""The trainer on two (or all) GPUs through `accelerate launch`: FSDP2 with compile, checkpoints that move between
+GPU counts.
 
 Accelerate runs no FSDP on the CPU, so this is the only place the trainer's FSDP2 path (configs/accelerate/
 fsdp.yaml) runs for real; tests/integration/test_fsdp.py checks the same sharding functions over gloo.
@@ -46,15 +47,17 @@ def _env() -> dict[str, str]:
     return {**env, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
 
 
-def train(run_dir: Path, shards: Path, accelerate_config: str, *extra: str) -> str:
-    """One `accelerate launch launch/train.py` of the demo model (bf16, compiled); returns its output."""
+def train(run_dir: Path, shards: Path, accelerate_config: str, *extra: str, processes: int | None = None) -> str:
+    """One `accelerate launch launch/train.py` of the demo model (bf16, compiled); returns its output.
+    `processes` overrides the config's num_processes (2 in the shipped multi-GPU configs)."""
     overrides = [f"run_dir={run_dir}", f"name={run_dir.name}", f"data.data_dir={shards}",
                  f"data.tokenizer_dir={TOKENIZER}", "train.batch_size=16", "train.max_steps=30",
                  "optim.warmup_steps=5", "optim.cosine_steps=30", "train.log_interval=5", "train.eval_interval=15",
                  "train.eval_batches=2", "train.sample_tokens=0", "checkpoint.interval=15", "checkpoint.keep_last=0",
                  "tracking.enabled=false", "train.mixed_precision=bf16", "train.compile=true", *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-           str(ACCELERATE_CONFIGS / accelerate_config), str(ROOT / "launch" / "train.py"),
+           str(ACCELERATE_CONFIGS / accelerate_config),
+           *(["--num_processes", str(processes)] if processes else []), str(ROOT / "launch" / "train.py"),
            "--config", str(ROOT / "configs" / "demo.yaml"), *overrides]
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -76,7 +79,7 @@ def resumable_copy(run_dir: Path, dest: Path) -> Path:
 def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, shards):
     straight = tmp_path / "fsdp2"
     out = train(straight, shards, "fsdp.yaml")
-    assert "(FSDP2, block units, compiled (blocks))" in out and "2 process(es)" in out, out[-2000:]
+    assert "(FSDP2, model units, compiled (model))" in out and "2 process(es)" in out, out[-2000:]
     ref = losses(straight)
     assert sorted(ref) == list(range(1, 31)) and ref[30] < ref[1] - 2.0  # it learns (ln 10000 = 9.2 at step 1)
 
@@ -91,13 +94,13 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     # Resume from step 15 on one GPU (accumulation 2 keeps the global batch) and on two GPUs (FSDP2 again, with
-    # the whole model as one unit: the consolidated checkpoint does not depend on how it was sharded).
+    # each block its own unit: the consolidated checkpoint does not depend on how it was sharded).
     one = resumable_copy(straight, tmp_path / "resumed_1gpu")
     out = train(one, shards, "single.yaml", "train.resume=latest", "train.batch_size=16", "train.grad_accum_steps=2")
     assert "resuming at step 15" in out
     two = resumable_copy(straight, tmp_path / "resumed_2gpu")
-    out = train(two, shards, "fsdp.yaml", "train.resume=latest", "train.fsdp_unit=model")
-    assert "resuming at step 15" in out and "(FSDP2, model units, compiled (model))" in out
+    out = train(two, shards, "fsdp.yaml", "train.resume=latest", "train.fsdp_unit=block")
+    assert "resuming at step 15" in out and "(FSDP2, block units, compiled (blocks))" in out
     for resumed in (one, two):
         got = losses(resumed)
         assert sorted(got) == list(range(1, 31))
@@ -138,3 +141,24 @@ def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards)
     # recorded, hence the loose early bound. A lost or doubled micro-batch moves step 2 by far more than 5e-3.
     assert max(diffs[:3]) < 5e-3 and max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.05, diffs
     assert a[30] < a[1] - 2.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4 or torch.cuda.device_count() % 2,
+                    reason="needs an even number of CUDA GPUs, at least 4 (the 2-GPU resume is the test above)")
+def test_fsdp2_checkpoint_from_all_gpus_resumes_on_two(tmp_path, shards):
+    """Issue "Four and eight GPUs": a run saved by FSDP2 on every GPU of the host (N) resumes on 2 GPUs with
+    accumulation N/2 (the same global batch) and follows the uninterrupted N-GPU run within TOLERANCE."""
+    n = torch.cuda.device_count()
+    straight = tmp_path / f"fsdp2_x{n}"
+    out = train(straight, shards, "fsdp.yaml", processes=n)
+    assert f"{n} process(es)" in out, out[-2000:]
+    ref = losses(straight)
+    assert sorted(ref) == list(range(1, 31)) and ref[30] < ref[1] - 2.0
+    two = resumable_copy(straight, tmp_path / "resumed_2gpu")
+    out = train(two, shards, "fsdp.yaml", "train.resume=latest", f"train.grad_accum_steps={n // 2}")
+    assert "resuming at step 15" in out and "2 process(es)" in out, out[-2000:]
+    got = losses(two)
+    assert sorted(got) == list(range(1, 31))
+    worst = max(abs(got[s] - ref[s]) for s in range(16, 31))
+    print(f"\nFSDP2 saved on {n} GPUs, resumed on 2 x accumulation {n // 2}: max |loss difference| {worst:.2e}")
+    assert worst < TOLERANCE, {s: (ref[s], got[s]) for s in range(16, 31)}

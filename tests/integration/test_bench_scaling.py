@@ -31,10 +31,14 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
 
 
-def test_trainer_two_processes_equal_one_with_accumulation(tmp_path):
-    comparisons = dry_run("parity", tmp_path)["comparisons"]
-    assert [c["pair"] for c in comparisons] == ["2 GPUs DDP vs 1 GPU accum 2"]
+def test_trainer_three_processes_equal_one_with_accumulation(tmp_path):
+    """--gpus N pairs N processes with 1 process x accumulation N (3 here: the same code path as the 2-GPU
+    issue's run, and the one the 4- and 8-GPU runs take)."""
+    comparisons = dry_run("parity", tmp_path, "--gpus", "3")["comparisons"]
+    assert [c["pair"] for c in comparisons] == ["3 GPUs DDP vs 1 GPU accum 3"]
     c = comparisons[0]
-    # fp32 on gloo: the mean of two micro-batch gradients is the same arithmetic either way, so every step agrees.
-    assert c["steps"] == 4 and c["losses_1gpu"] == c["losses_2gpu"], c
+    # fp32 on gloo: the same three micro-batches, summed in another order (accumulation, then /3, vs the
+    # all-reduce of three already-divided gradients), so the steps agree to fp32 rounding; a lost or repeated
+    # micro-batch moves the loss by orders of magnitude more.
+    assert c["steps"] == 4 and c["max_abs_diff"] < 1e-5, c
     assert c["final_1gpu"] < c["first_1gpu"]
