@@ -325,8 +325,10 @@ def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, step
         for _ in range(steps):
             step()
         _sync(device)
+    # GPU-side user annotations (DDP's "DistributedDataParallel.forward", "nccl:all_reduce") are ranges, not
+    # kernels: counted as busy they would fill the gaps between the kernels they span.
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA]
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     if not kernels:
         return {"error": "no GPU kernels recorded"}
     is_comm = [("nccl" in name.lower()) for name, _, _ in kernels]
