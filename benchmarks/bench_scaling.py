@@ -56,11 +56,12 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import SHAPES  # noqa: E402
-from scaling_report import TOPOLOGY_NAMES, _fmt_gib, print_table, versions  # noqa: E402
+from scaling_parity import compare_losses  # noqa: E402
+from scaling_report import _fmt_gib, print_table, versions  # noqa: E402
 from scaling_step import ROW_PREFIX  # noqa: E402
 
 from dist_lm.config import RunConfig, TrainConfig  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES  # noqa: E402
+from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS  # noqa: E402
 from dist_lm.train.trainer import ddp_kwargs  # noqa: E402
 
 WORKER = ROOT / "benchmarks" / "scaling_step.py"
@@ -256,9 +257,6 @@ def _baseline_key(args: argparse.Namespace, system: str, shape: str, compiled: b
     return f"{system}|{shape}|{compiled}|{mode}|clip={not args.no_clip}|h2d={args.h2d and system == 'dist_lm'}"
 
 
-PARITY_MODEL = {"demo": {}}  # the demo config's own small model (d128 L4, seq 128)
-
-
 def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
     """Per N in --gpus: 1 GPU x (B, accumulation N) vs N GPUs x (B, accumulation 1), DDP and FSDP2: the same
     global batch, made of the same micro-batches."""
@@ -378,56 +376,6 @@ def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[di
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss parity
-
-
-def read_losses(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the trainer run failed (see its log)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def last_throughput(run_dir: Path) -> float | None:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    speeds = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
-    return speeds[-1] if speeds else None
-
-
-def compare_losses(rows: list[dict]) -> list[dict]:
-    """One comparison row per multi-GPU run against the 1-GPU run at the same global batch (accumulation N):
-    max and mean |loss difference| per step."""
-    ok = [r for r in rows if "error" not in r]
-    out = []
-    for r in ok:
-        if r["topology"] == "single":
-            continue
-        n = r["num_gpus"]
-        single = next((q for q in ok if q["topology"] == "single" and q["grad_accum"] == n), None)
-        pair = f"{n} GPUs {TOPOLOGY_NAMES[r['topology']]} vs 1 GPU accum {n}"
-        if single is None:
-            out.append({"pair": pair, "num_gpus": n, "error": f"the 1-GPU accum {n} run failed or did not run"})
-            continue
-        ref, other = read_losses(Path(single["run_dir"])), read_losses(Path(r["run_dir"]))
-        steps = sorted(set(ref) & set(other))
-        if not steps or len(steps) != len(ref):
-            out.append({"pair": pair, "num_gpus": n, "error": f"steps differ: {len(ref)} vs {len(other)} logged"})
-            continue
-        diffs = {s: abs(ref[s] - other[s]) for s in steps}
-        worst = max(diffs, key=diffs.get)
-        out.append({"pair": pair, "num_gpus": n, "steps": len(steps),
-                    "max_abs_diff": diffs[worst], "max_at_step": worst,
-                    "mean_abs_diff": sum(diffs.values()) / len(diffs), "final_1gpu": ref[steps[-1]],
-                    "final_ngpu": other[steps[-1]], "first_1gpu": ref[steps[0]],
-                    "tokens_per_s_1gpu": last_throughput(Path(single["run_dir"])),
-                    "tokens_per_s_ngpu": last_throughput(Path(r["run_dir"])),
-                    # every step's losses, so the JSON alone tells where two curves parted (run dirs stay behind)
-                    "losses_1gpu": [ref[s] for s in steps], "losses_ngpu": [other[s] for s in steps]})
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -520,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "keeps one graph and all-reduces after the backward")
     p.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false",
                    help="FSDP2: keep gathered parameters from forward to backward (fsdp_reshard_after_forward)")
-    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default=TrainConfig.fsdp_unit,
+    p.add_argument("--fsdp-unit", choices=FSDP_UNITS, default=TrainConfig.fsdp_unit,
                    help="dist_lm FSDP2 unit: each block, runs of blocks, or the whole model (train.fsdp_unit)")
     p.add_argument("--fsdp-group-blocks", type=int, default=TrainConfig.fsdp_group_blocks,
                    help="blocks per unit with --fsdp-unit group")

@@ -62,7 +62,7 @@ from dist_lm.kernels import flash_attention  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
+from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism  # noqa: E402
 from dist_lm.train.trainer import _fsdp_options, _to_device, compiled_as, cuda_graphs, ddp_kwargs  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch._dynamo.config.optimize_ddp for DDP around a compiled model: ddp_optimizer (torch's "
                         "default) splits the compiled graph at bucket boundaries so all-reduces overlap the "
                         "backward; no_optimization keeps one graph and all-reduces after the backward")
-    p.add_argument("--fsdp-unit", choices=("block", "group", "model"), default=TrainConfig.fsdp_unit,
+    p.add_argument("--fsdp-unit", choices=FSDP_UNITS, default=TrainConfig.fsdp_unit,
                    help="dist_lm FSDP2: each block its own unit, runs of --fsdp-group-blocks blocks, or the whole "
                         "model one (train.fsdp_unit)")
     p.add_argument("--fsdp-group-blocks", type=int, default=TrainConfig.fsdp_group_blocks,

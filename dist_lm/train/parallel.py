@@ -50,11 +50,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dist_lm.config import CompileMode, RunConfig
+from dist_lm.config import CompileMode, FSDPUnit, RunConfig
 from dist_lm.errors import UserError
 from dist_lm.model.transformer import TransformerBlock
 
 COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
+FSDP_UNITS: tuple[str, ...] = typing.get_args(FSDPUnit)
 
 
 def _checkpointed(forward):
@@ -139,8 +140,8 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32)
-    if options.unit not in ("block", "group", "model"):
-        raise UserError(f"FSDP unit {options.unit!r} is unknown; use 'block', 'group' or 'model' (train.fsdp_unit)")
+    if options.unit not in FSDP_UNITS:
+        raise UserError(f"FSDP unit {options.unit!r} is unknown; use one of {FSDP_UNITS} (train.fsdp_unit)")
     if options.unit == "group" and options.group_blocks < 1:
         raise UserError(f"FSDP group units need group_blocks >= 1, got {options.group_blocks} "
                         "(train.fsdp_group_blocks)")
