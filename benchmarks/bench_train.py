@@ -186,11 +186,9 @@ def print_table(rows: list[dict]) -> None:
         tf_version = transformers.__version__
     except ImportError:
         tf_version = "missing"
-    from dist_lm.kernels import flash_attention
 
     print(f"\nGPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"transformers {tf_version} | python {platform.python_version()} | attention ops: "
-          f"{flash_attention.OP_KIND} (DIST_LM_FLASH_OP=triton for the triton_op form)")
+          f"transformers {tf_version} | python {platform.python_version()}")
     print("| shape | system | tokens/s | MFU | step ms | vs HF compiled | peak mem GiB | warmup/compile s | loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -27,19 +27,12 @@ Design decisions:
 - Exposed to PyTorch as two torch.library custom ops with fake (meta) kernels and a registered
   autograd rule (the custom-op form of an autograd.Function), so torch.compile keeps the call in one
   graph instead of breaking around an opaque Triton launch.
-- Experimental, opt-in with DIST_LM_FLASH_OP=triton in the environment before import: the same two ops as
-  torch.library.triton_op with the launches wrapped by wrap_triton, so that under torch.compile inductor sees
-  the Triton kernels and launches them from its own generated code instead of calling back into Python
-  (custom-op dispatch + Triton's autotuner and launcher), the host time the 2-GPU profiles pointed at. Not
-  under the interpreter (TRITON_INTERPRET=1: torch.compile of a triton_op fails there while making fake
-  tensors), and not yet the default: it has not run on a GPU yet (`OP_KIND` says which form is loaded).
 - Pointer-based loads only (no TMA tensor descriptors): their API changed between Triton 3.6 and 3.9,
   and the pointer path is what the CPU interpreter runs.
 """
 
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -420,16 +413,6 @@ _INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"  # decided by T
 # cross many block edges at small sequence lengths.
 _INTERPRETER_CONFIGS = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1)}
 _forced_configs: dict[str, tuple[int, int, int, int]] = dict(_INTERPRETER_CONFIGS) if _INTERPRETED else {}
-OP_KIND = "triton_op" if os.environ.get("DIST_LM_FLASH_OP") == "triton" and not _INTERPRETED else "custom_op"
-
-
-def _launchable(kernel):
-    """The kernel as launched from inside the ops: wrapped for tracing when the ops are triton_ops."""
-    if OP_KIND == "triton_op":
-        from torch.library import wrap_triton
-
-        return wrap_triton(kernel)
-    return kernel
 
 
 @contextmanager
@@ -450,10 +433,10 @@ def _launch(name: str, rows: int, num_bh: int, args: tuple, meta: dict) -> None:
     if name in _forced_configs:
         block_m, block_n, num_warps, num_stages = _forced_configs[name]
         block = block_n if name == "dkdv" else block_m
-        _launchable(_KERNELS[name])[(triton.cdiv(rows, block) * num_bh,)](
+        _KERNELS[name][(triton.cdiv(rows, block) * num_bh,)](
             *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     else:
-        _launchable(_TUNED[name])[lambda cfg: (triton.cdiv(rows, cfg[block_key]) * num_bh,)](*args, **meta)
+        _TUNED[name][lambda cfg: (triton.cdiv(rows, cfg[block_key]) * num_bh,)](*args, **meta)
 
 
 def _contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
@@ -514,35 +497,30 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 # Autograd: custom ops with fake kernels and an autograd rule, so torch.compile does not break the graph
 
 
-# A triton_op is traced through its body (the wrapped launches) and needs no fake kernel.
-_register_op = torch.library.triton_op if OP_KIND == "triton_op" else torch.library.custom_op
-
-
-@_register_op("dist_lm::flash_attention_fwd", mutates_args=())
+@torch.library.custom_op("dist_lm::flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                          sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, sm_scale)
 
 
-@_register_op("dist_lm::flash_attention_bwd", mutates_args=())
+@torch.library.custom_op("dist_lm::flash_attention_bwd", mutates_args=())
 def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, causal: bool,
                          sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, o, lse, causal, sm_scale)
 
 
-if OP_KIND == "custom_op":
+@_flash_attention_fwd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+      sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seq_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
-    @_flash_attention_fwd.register_fake
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-          sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, heads, seq_q, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
-    @_flash_attention_bwd.register_fake
-    def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-          causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+@_flash_attention_bwd.register_fake
+def _(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+      causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
