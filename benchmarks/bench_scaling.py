@@ -148,6 +148,10 @@ class Run:
     """Copied into the row: system, shape, compiled, ... (what the table groups by)."""
 
 
+COMM_HOOK_LABELS = {"mean": "mean all-reduce hook", "mean-bf16": "mean all-reduce hook, bf16 on the wire",
+                    "none": "DDP's own division (no hook)", "bf16": "Accelerate's bf16 hook"}
+
+
 def _worker_common(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--compile-mode", args.compile_mode]
     if args.bucket_cap_mb is not None:
@@ -157,7 +161,7 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--no-broadcast-buffers", args.no_broadcast_buffers),
                                   ("--h2d", args.h2d), ("--dry-run", args.dry_run),
                                   ("--compile-after-ddp", args.compile_after_ddp), ("--profile", args.profile)) if on]
-    if args.comm_hook != "none":
+    if args.comm_hook is not None:
         out += ["--comm-hook", args.comm_hook]
     out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
     if args.ddp_optimizer != "ddp_optimizer":
@@ -190,8 +194,9 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append("static graph")
         if args.no_broadcast_buffers and (trainer is None or trainer.broadcast_buffers):
             parts.append("no buffer broadcast")
-        if args.comm_hook != "none":
-            parts.append(f"{args.comm_hook} grads on the wire")
+        hook_by_default = "mean" if trainer is not None else "none"
+        if args.comm_hook is not None and args.comm_hook != hook_by_default:
+            parts.append(COMM_HOOK_LABELS[args.comm_hook])
         if args.ddp_optimizer != "ddp_optimizer" and compiled:
             parts.append(f"dynamo optimize_ddp={args.ddp_optimizer}")
         if args.compile_after_ddp and system == "dist_lm" and compiled:
@@ -210,8 +215,6 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
     if args.no_clip:
         parts.append("no clip")
     parts += [f"{k}={v}" for k, v in args.child_env]
-    if system == "dist_lm" and os.environ.get("DIST_LM_FLASH_OP") == "triton":  # inherited by every run
-        parts.append("attention as triton_op")
     return ", ".join(parts)
 
 
@@ -341,7 +344,9 @@ def profile_line(prof: dict) -> str:
     return (f"profile per step: span {prof['span_ms']:.1f} ms, compute {prof['compute_ms']:.1f}, NCCL "
             f"{prof['nccl_ms']:.1f} ({prof['nccl_kernels_per_step']:.0f} kernels) of which exposed "
             f"{prof['nccl_exposed_ms']:.1f}, idle {prof['idle_ms']:.1f} | top: {top} | host self-time top: "
-            + "; ".join(f"{name[:40]} {ms:.2f}" for name, ms in prof.get("host_top_ms", [])[:6]))
+            + "; ".join(f"{name[:40]} {ms:.2f}" for name, ms in prof.get("host_top_ms", [])[:6])
+            + " | last step's NCCL kernels (ms before its end: start-end, exposed): "
+            + ", ".join(f"{a:.2f}-{b:.2f} ({x:.2f})" for a, b, x in prof.get("nccl_last_step_ms_before_end", [])))
 
 
 def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[dict]:
@@ -460,7 +465,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP knob")
     p.add_argument("--static-graph", action="store_true", help="DDP knob")
     p.add_argument("--no-broadcast-buffers", action="store_true", help="DDP knob: broadcast_buffers=False")
-    p.add_argument("--comm-hook", choices=("none", "bf16"), default="none", help="DDP knob: gradient comm hook")
+    p.add_argument("--comm-hook", choices=tuple(COMM_HOOK_LABELS), default=None,
+                   help="DDP knob: gradient comm hook (default: the trainer's mean all-reduce for dist_lm, none for "
+                        "HF and --ddp-defaults accelerate)")
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: torch.compile the DDP wrapper instead of DDP around the compiled model")
     p.add_argument("--ddp-optimizer", choices=("ddp_optimizer", "no_optimization"), default="ddp_optimizer",

@@ -58,11 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, window_sizes  # noqa: E402
 
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from dist_lm.kernels import flash_attention  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism  # noqa: E402
+from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism, use_mean_allreduce  # noqa: E402
 from dist_lm.train.trainer import _fsdp_options, _to_device, compiled_as, cuda_graphs, ddp_kwargs  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
@@ -98,8 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
     p.add_argument("--no-broadcast-buffers", action="store_true",
                    help="DDP broadcast_buffers=False (dist_lm's only buffers are the fixed RoPE tables)")
-    p.add_argument("--comm-hook", choices=("none", "bf16"), default="none",
-                   help="DDP gradient comm hook (Accelerate's DDPCommunicationHookType): bf16 halves the bytes")
+    p.add_argument("--comm-hook", choices=("mean", "mean-bf16", "none", "bf16"), default=None,
+                   help="DDP gradient comm hook: mean (the trainer's parallel.mean_allreduce_hook; the default "
+                        "for dist_lm with --ddp-defaults trainer), mean-bf16 (the same, bf16 on the wire), none "
+                        "(DDP divides each gradient itself; the default otherwise), bf16 (Accelerate's "
+                        "DDPCommunicationHookType.BF16)")
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: wrap in DDP first, then torch.compile the wrapper (dynamo's DDPOptimizer "
                         "splits the graph at bucket boundaries), instead of DDP around the compiled model")
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps and --grad-accum must be >= 1, --warmup and --batch >= 0")
     if args.dry_run:
         args.steps, args.warmup = 1, 1
+    if args.comm_hook is None:
+        args.comm_hook = "mean" if args.system == "dist_lm" and args.ddp_defaults == "trainer" else "none"
     return args
 
 
@@ -177,6 +181,8 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     note = ""
     if fsdp is None:
         model, optimizer = accelerator.prepare(model, optimizer)
+        if args.comm_hook.startswith("mean") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)  # as train()
     else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:
@@ -251,7 +257,8 @@ def _ddp_settings(model: torch.nn.Module) -> dict | None:
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return None
     return {"bucket_cap_mb": model.bucket_bytes_cap / 2**20, "gradient_as_bucket_view": model.gradient_as_bucket_view,
-            "static_graph": model.static_graph, "broadcast_buffers": model.broadcast_buffers}
+            "static_graph": model.static_graph, "broadcast_buffers": model.broadcast_buffers,
+            "comm_hooks": [hook.__name__ for hook, _ in getattr(model, "_comm_hooks", [])]}
 
 
 def _sync(device: torch.device) -> None:
@@ -345,7 +352,13 @@ def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, step
     per = 1e3 * steps  # microseconds over `steps` steps -> ms per step
     # Host side: the ops with the most self CPU time (where a GPU left idle waits for the host).
     host = sorted(((e.key[:60], e.self_cpu_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])[:8]
-    return {"host_top_ms": [[name, t / per] for name, t in host],
+    # The last step's collectives, each as (start, end) in ms before the profile's last kernel (the last step's
+    # optimizer) and its exposed part: which all-reduce (bucket) is the tail the step waits for.
+    end = max(b for _, _, b in kernels)
+    last = sorted((a, b) for (_, a, b), c in zip(kernels, is_comm) if c)[-round(sum(is_comm) / steps):] \
+        if any(is_comm) else []
+    timeline = [[(end - a) / 1e3, (end - b) / 1e3, (b - a - _overlap([(a, b)], compute)) / 1e3] for a, b in last]
+    return {"nccl_last_step_ms_before_end": timeline,"host_top_ms": [[name, t / per] for name, t in host],
             "steps": steps, "span_ms": span / per, "compute_ms": _length(compute) / per,
             "nccl_ms": _length(comm) / per, "nccl_exposed_ms": (_length(comm) - _overlap(comm, compute)) / per,
             "idle_ms": (span - busy) / per, "nccl_kernels_per_step": sum(is_comm) / steps,
@@ -399,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
             "per_rank": ranks, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,  # DTensor.numel() is the global size
             "ddp_kwargs": {"bucket_cap_mb": args.bucket_cap_mb, "gradient_as_bucket_view": args.gradient_as_bucket_view,
-                           "static_graph": args.static_graph, "broadcast_buffers": not args.no_broadcast_buffers},
-            "clip": not args.no_clip, "h2d": args.h2d, "tag": args.tag, "flash_op": flash_attention.OP_KIND, **extra,
+                           "static_graph": args.static_graph, "broadcast_buffers": not args.no_broadcast_buffers,
+                           "comm_hook": args.comm_hook},
+            "clip": not args.no_clip, "h2d": args.h2d, "tag": args.tag, **extra,
         }
         if args.profile:  # every rank's: a rank whose GPU waits on NCCL may be waiting for a slower peer
             row["profile"] = ranks[0]["profile"]

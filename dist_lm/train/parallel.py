@@ -39,6 +39,8 @@ Design decisions:
   weights, gradients and optimizer state stay sharded (fewer hooks and collectives for small models).
   MixedPrecisionPolicy: params in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype)
   so the sum over ranks does not lose bits; the optimizer keeps fp32 master shards.
+- DDP: after `prepare` the trainer registers `mean_allreduce_hook` on the DDP module: fp32 gradients, the mean
+  taken inside NCCL's all-reduce (ReduceOp.AVG) instead of DDP's own per-parameter division.
 """
 
 from __future__ import annotations
@@ -169,6 +171,64 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
             if i > 0:  # the backward runs the blocks in reverse
                 block.set_modules_to_backward_prefetch([blocks[i - 1]])
     return model
+
+
+@dataclass(frozen=True)
+class _MeanAllReduce:
+    """State of `mean_allreduce_hook`: the group, whether its backend averages inside the all-reduce, and the
+    dtype the gradients travel in (None: their own, fp32)."""
+
+    group: object
+    native_average: bool
+    world_size: int
+    wire_dtype: torch.dtype | None = None
+
+
+def mean_allreduce_hook(state: _MeanAllReduce, bucket) -> torch.futures.Future:
+    """DDP communication hook: all-reduce one gradient bucket to the mean over ranks, in place.
+
+    On NCCL the 1/world factor is applied inside the reduction (ReduceOp.AVG); gloo has no AVG, so the bucket is
+    divided first, in one kernel for the whole bucket. With a wire dtype the bucket travels cast to it and the
+    mean is copied back into it. The bucket's own buffer comes back, so gradients that are views of the buckets
+    (gradient_as_bucket_view) need no copy afterwards."""
+    import torch.distributed as dist
+
+    bucket_buffer = bucket.buffer()
+    wire = bucket_buffer if state.wire_dtype in (None, bucket_buffer.dtype) else bucket_buffer.to(state.wire_dtype)
+    if state.native_average:
+        work = dist.all_reduce(wire, op=dist.ReduceOp.AVG, group=state.group, async_op=True)
+    else:
+        wire.div_(state.world_size)
+        work = dist.all_reduce(wire, group=state.group, async_op=True)
+
+    def result(fut: torch.futures.Future) -> torch.Tensor:
+        if wire is not bucket_buffer:
+            bucket_buffer.copy_(fut.value()[0])
+        return bucket_buffer
+
+    return work.get_future().then(result)
+
+
+# register_comm_hook compares the return annotation with the object itself; `from __future__ import annotations`
+# made it a string.
+mean_allreduce_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+
+
+def use_mean_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel,
+                       wire_dtype: torch.dtype | None = None) -> None:
+    """Register `mean_allreduce_hook` on a DDP module (before its first backward).
+
+    Why: without a hook, DDP's reducer divides every gradient by the world size itself, one kernel per parameter
+    as its gradient arrives (a read and a write of all fp32 gradients per step, 111 launches at the 124M shape),
+    and then sums the buckets. The hook folds the division into NCCL's reduction instead. `wire_dtype` (bf16)
+    halves the bytes of each all-reduce at the price of a cast each way; it measured slower at both benchmark
+    shapes (benchmarks/README.md, Scaling), so the trainer keeps fp32."""
+    import torch.distributed as dist
+
+    group = ddp_model.process_group
+    state = _MeanAllReduce(group=group, native_average=dist.get_backend(group) == "nccl",
+                           world_size=dist.get_world_size(group), wire_dtype=wire_dtype)
+    ddp_model.register_comm_hook(state, mean_allreduce_hook)
 
 
 def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode | None = None,

@@ -33,6 +33,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from dist_lm.config import RunConfig, TrainConfig, config_to_dict, flatten_config, save_config
@@ -56,7 +57,7 @@ from dist_lm.train.checkpoint import (
     set_rng_state,
 )
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
-from dist_lm.train.parallel import FSDPOptions, apply_parallelism
+from dist_lm.train.parallel import FSDPOptions, apply_parallelism, use_mean_allreduce
 from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
 
 METRICS_FILE = "metrics.jsonl"
@@ -124,6 +125,8 @@ def train(cfg: RunConfig) -> TrainResult:
     param_names = optimizer_param_names(optimizer, raw_model)
     if fsdp is None:
         model, optimizer = accelerator.prepare(model, optimizer)
+        if isinstance(model, DistributedDataParallel):
+            use_mean_allreduce(model)  # the 1/world factor inside the all-reduce (ddp_kwargs says why)
     else:
         # Already sharded by apply_fsdp. Accelerate's prepare() under FSDP2 insists on re-preparing model and
         # optimizer together (and swaps the optimizer's parameters), so we wrap the optimizer ourselves: the
@@ -388,7 +391,9 @@ def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
     splits at bucket boundaries so that the all-reduces can overlap the backward), gradients copied into the
     buckets, and rank 0's buffers broadcast at every forward. We use train.ddp_bucket_mb (125), gradients as views
     of the buckets, and no buffer broadcast: the model's only buffers are the RoPE tables, computed the same way on
-    every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step."""
+    every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step. After
+    prepare() the trainer also registers parallel.mean_allreduce_hook, which averages inside NCCL's all-reduce
+    instead of DDP's per-parameter division kernels."""
     return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True,
                                          broadcast_buffers=False)
 

@@ -69,6 +69,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    """The gradient norm (before clipping) logged at each log step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/grad_norm"] for r in rows if "train/grad_norm" in r}
+
+
 def resumable_copy(run_dir: Path, dest: Path) -> Path:
     """The run as a crash after step 15 leaves it: the step-30 checkpoint gone (metrics get truncated)."""
     shutil.copytree(run_dir, dest)
@@ -122,9 +128,10 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
 
 
 def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards):
-    """The trainer's default compiled path (CUDA graphs, 125 MB buckets, gradients as bucket views) on 2 GPUs
-    against 1 GPU x accumulation 2 at the same global batch: the same micro-batches, so the same curve up to the
-    rounding of two different reductions (eager: identical at every step, benchmarks/README.md)."""
+    """The trainer's default compiled path (CUDA graphs, 125 MB buckets, gradients as bucket views, the mean
+    all-reduce hook) on 2 GPUs against 1 GPU x accumulation 2 at the same global batch: the same micro-batches,
+    so the same curve up to the rounding of two different reductions (eager: identical at every step,
+    benchmarks/README.md)."""
     two = tmp_path / "ddp"
     out = train(two, shards, "ddp.yaml")
     assert "(DDP, compiled (cudagraphs))" in out and "2 process(es)" in out, out[-2000:]
@@ -141,6 +148,10 @@ def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards)
     # recorded, hence the loose early bound. A lost or doubled micro-batch moves step 2 by far more than 5e-3.
     assert max(diffs[:3]) < 5e-3 and max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.05, diffs
     assert a[30] < a[1] - 2.0
+    # The mean over ranks, not the sum: Adam and clipping hide a constant gradient scale from the losses of the
+    # first steps, not from the logged norm (a sum would double it).
+    norms_two, norms_one = grad_norms(two), grad_norms(one)
+    assert all(abs(norms_two[s] / norms_one[s] - 1) < 0.02 for s in (5, 10)), (norms_two, norms_one)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4 or torch.cuda.device_count() % 2,

@@ -27,7 +27,8 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     want = ddp_kwargs(RunConfig())
     assert rows["ddp"]["ddp_seen"] == {"bucket_cap_mb": want.bucket_cap_mb, "static_graph": False,
                                        "gradient_as_bucket_view": want.gradient_as_bucket_view,
-                                       "broadcast_buffers": want.broadcast_buffers}
+                                       "broadcast_buffers": want.broadcast_buffers,
+                                       "comm_hooks": ["mean_allreduce_hook"]}
     assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
 
 

@@ -1,0 +1,47 @@
+"""One rank of the DDP comm-hook test (tests/integration/test_ddp_hook.py), started by torchrun over gloo.
+
+usage: torchrun --nproc_per_node N ddp_hook_worker.py OUT_DIR WIRE   (WIRE: fp32 | bf16)
+
+Each rank runs two backward passes of a small model wrapped in DDP with the trainer's mean all-reduce hook, on
+inputs that differ by rank (the second pass reduces into the same buckets, which are the gradients); rank 0
+writes the gradients of both passes.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_lm.train.parallel import use_mean_allreduce
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(5, 8, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def main() -> None:
+    out, wire = Path(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ddp = DistributedDataParallel(model(), gradient_as_bucket_view=True, bucket_cap_mb=1)
+    use_mean_allreduce(ddp, torch.bfloat16 if wire == "bf16" else None)
+    grads = []
+    for step in range(2):
+        ddp.zero_grad(set_to_none=False)  # views of the buckets stay views
+        ddp(batch(rank, step)).square().sum().backward()
+        grads.append({name: p.grad.tolist() for name, p in ddp.module.named_parameters()})
+    if rank == 0:
+        (out / "grads.json").write_text(json.dumps({"grads": grads, "world": dist.get_world_size()}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
