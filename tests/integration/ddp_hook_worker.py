@@ -8,6 +8,7 @@ writes the gradients of both passes.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,13 @@ def main() -> None:
         grads.append({name: p.grad.tolist() for name, p in ddp.module.named_parameters()})
     if rank == 0:
         (out / "grads.json").write_text(json.dumps({"grads": grads, "world": dist.get_world_size()}))
+    dist.barrier()
     dist.destroy_process_group()
+    # As fsdp_worker: leave without interpreter/C++ teardown, where gloo's background threads can abort the
+    # process ("terminate called without an active exception") after the results are written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
