@@ -160,7 +160,8 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--static-graph", args.static_graph), ("--no-clip", args.no_clip),
                                   ("--no-broadcast-buffers", args.no_broadcast_buffers),
                                   ("--h2d", args.h2d), ("--dry-run", args.dry_run),
-                                  ("--compile-after-ddp", args.compile_after_ddp), ("--profile", args.profile)) if on]
+                                  ("--compile-after-ddp", args.compile_after_ddp), ("--profile", args.profile),
+                                  ("--no-align-pieces", args.no_align_pieces)) if on]
     if args.comm_hook is not None:
         out += ["--comm-hook", args.comm_hook]
     out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
@@ -199,6 +200,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append(COMM_HOOK_LABELS[args.comm_hook])
         if args.ddp_optimizer != "ddp_optimizer" and compiled:
             parts.append(f"dynamo optimize_ddp={args.ddp_optimizer}")
+        if args.no_align_pieces and system == "dist_lm" and compiled:
+            parts.append("graph pieces not aligned with buckets")
         if args.compile_after_ddp and system == "dist_lm" and compiled:
             parts.append("compiled after DDP")
     if topology == "fsdp" and not args.reshard_after_forward:
@@ -468,6 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comm-hook", choices=tuple(COMM_HOOK_LABELS), default=None,
                    help="DDP knob: gradient comm hook (default: the trainer's mean all-reduce for dist_lm, none for "
                         "HF and --ddp-defaults accelerate)")
+    p.add_argument("--no-align-pieces", action="store_true",
+                   help="dist_lm DDP, compiled: dynamo's first graph piece at 1 MiB, not DDP's first bucket size")
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: torch.compile the DDP wrapper instead of DDP around the compiled model")
     p.add_argument("--ddp-optimizer", choices=("ddp_optimizer", "no_optimization"), default="ddp_optimizer",

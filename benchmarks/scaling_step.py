@@ -61,7 +61,13 @@ from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism, use_mean_allreduce  # noqa: E402
+from dist_lm.train.parallel import (  # noqa: E402
+    COMPILE_MODES,
+    FSDP_UNITS,
+    align_compiled_pieces_with_buckets,
+    apply_parallelism,
+    use_mean_allreduce,
+)
 from dist_lm.train.trainer import _fsdp_options, _to_device, compiled_as, cuda_graphs, ddp_kwargs  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
@@ -102,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "for dist_lm with --ddp-defaults trainer), mean-bf16 (the same, bf16 on the wire), none "
                         "(DDP divides each gradient itself; the default otherwise), bf16 (Accelerate's "
                         "DDPCommunicationHookType.BF16)")
+    p.add_argument("--no-align-pieces", action="store_true",
+                   help="dist_lm DDP: leave dynamo's first graph piece at 1 MiB instead of DDP's first bucket size "
+                        "(parallel.align_compiled_pieces_with_buckets, which the trainer applies)")
     p.add_argument("--compile-after-ddp", action="store_true",
                    help="dist_lm DDP: wrap in DDP first, then torch.compile the wrapper (dynamo's DDPOptimizer "
                         "splits the graph at bucket boundaries), instead of DDP around the compiled model")
@@ -181,8 +190,11 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     note = ""
     if fsdp is None:
         model, optimizer = accelerator.prepare(model, optimizer)
-        if args.comm_hook.startswith("mean") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)  # as train()
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # as train()
+            if args.comm_hook.startswith("mean"):
+                use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)
+            if not args.no_compile and not args.no_align_pieces:
+                align_compiled_pieces_with_buckets(model)
     else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:
@@ -231,6 +243,8 @@ def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
     optimizer = torch.optim.AdamW(model.parameters(), **HYPER, weight_decay=WEIGHT_DECAY,
                                   fused=torch.cuda.is_available())
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.comm_hook.startswith("mean") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)  # --comm-hook asked
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     how = "eager" if args.no_compile else ("before prepare" if compiled_by_us else "accelerate dynamo config")
 
@@ -258,7 +272,9 @@ def _ddp_settings(model: torch.nn.Module) -> dict | None:
         return None
     return {"bucket_cap_mb": model.bucket_bytes_cap / 2**20, "gradient_as_bucket_view": model.gradient_as_bucket_view,
             "static_graph": model.static_graph, "broadcast_buffers": model.broadcast_buffers,
-            "comm_hooks": [hook.__name__ for hook, _ in getattr(model, "_comm_hooks", [])]}
+            "comm_hooks": [hook.__name__ for hook, _ in getattr(model, "_comm_hooks", [])],
+            # what dynamo's DDPOptimizer will size its first graph piece by
+            "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}
 
 
 def _sync(device: torch.device) -> None:
@@ -355,10 +371,10 @@ def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, step
     # The last step's collectives, each as (start, end) in ms before the profile's last kernel (the last step's
     # optimizer) and its exposed part: which all-reduce (bucket) is the tail the step waits for.
     end = max(b for _, _, b in kernels)
-    last = sorted((a, b) for (_, a, b), c in zip(kernels, is_comm) if c)[-round(sum(is_comm) / steps):] \
-        if any(is_comm) else []
+    per_step = max(1, round(sum(is_comm) / steps))  # not whole when other collectives run (FSDP's clip)
+    last = sorted((a, b) for (_, a, b), c in zip(kernels, is_comm) if c)[-per_step:] if any(is_comm) else []
     timeline = [[(end - a) / 1e3, (end - b) / 1e3, (b - a - _overlap([(a, b)], compute)) / 1e3] for a, b in last]
-    return {"nccl_last_step_ms_before_end": timeline,"host_top_ms": [[name, t / per] for name, t in host],
+    return {"nccl_last_step_ms_before_end": timeline, "host_top_ms": [[name, t / per] for name, t in host],
             "steps": steps, "span_ms": span / per, "compute_ms": _length(compute) / per,
             "nccl_ms": _length(comm) / per, "nccl_exposed_ms": (_length(comm) - _overlap(comm, compute)) / per,
             "idle_ms": (span - busy) / per, "nccl_kernels_per_step": sum(is_comm) / steps,

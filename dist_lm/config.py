@@ -152,11 +152,13 @@ class TrainConfig:
     fsdp_group_blocks: int = 4
     """With train.fsdp_unit=group: how many consecutive Transformer blocks share one FSDP2 unit."""
     ddp_bucket_mb: int = 125
-    """Under DDP: gradient bucket size in MB. Each bucket is all-reduced as soon as its gradients are ready, and a
-    compiled model's graph is split at bucket boundaries so that this can happen: small buckets (PyTorch's 25)
-    cut the compiled graph into many pieces and slow the step; at 125 a 124M model has four pieces and the
-    all-reduces still overlap the backward (benchmarks/README.md, Scaling). The gradients are views into the
-    buckets (gradient_as_bucket_view): the all-reduced bucket is the gradient, with no copy back."""
+    """Under DDP: gradient bucket size in MiB. Each bucket is all-reduced as soon as its gradients are ready, and a
+    compiled model's graph is split at bucket boundaries so that this can happen (the trainer aligns the pieces
+    with the buckets: parallel.align_compiled_pieces_with_buckets): small buckets (PyTorch's 25) cut the compiled
+    graph into many pieces and slow the step; at 125 a 124M model has four pieces and the all-reduces of the
+    first three overlap the backward, while the TinyStories shape's 134 MiB of fp32 gradients stay one piece,
+    all-reduced after the backward (benchmarks/README.md, Scaling). The gradients are views into the buckets
+    (gradient_as_bucket_view): the all-reduced bucket is the gradient, with no copy back."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20

@@ -39,8 +39,9 @@ Design decisions:
   weights, gradients and optimizer state stay sharded (fewer hooks and collectives for small models).
   MixedPrecisionPolicy: params in the compute dtype for the matmuls, gradients reduced in fp32 (reduce_dtype)
   so the sum over ranks does not lose bits; the optimizer keeps fp32 master shards.
-- DDP: after `prepare` the trainer registers `mean_allreduce_hook` on the DDP module: fp32 gradients, the mean
-  taken inside NCCL's all-reduce (ReduceOp.AVG) instead of DDP's own per-parameter division.
+- DDP: after `prepare` the trainer registers `mean_allreduce_hook` on the DDP module (fp32 gradients, the mean
+  taken inside NCCL's all-reduce, ReduceOp.AVG, instead of DDP's own per-parameter division) and, when compiled,
+  aligns the compiled graph's pieces with DDP's buckets (`align_compiled_pieces_with_buckets`).
 """
 
 from __future__ import annotations
@@ -175,27 +176,28 @@ def apply_fsdp(model: torch.nn.Module, options: FSDPOptions) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class _MeanAllReduce:
-    """State of `mean_allreduce_hook`: the group, whether its backend averages inside the all-reduce, and the
-    dtype the gradients travel in (None: their own, fp32)."""
+    """State of `mean_allreduce_hook`: the process group, whether it reduces CUDA tensors with NCCL (which averages
+    inside the all-reduce), its size, and the dtype the gradients travel in (None: their own, fp32)."""
 
     group: object
-    native_average: bool
+    nccl: bool
     world_size: int
     wire_dtype: torch.dtype | None = None
 
 
-def mean_allreduce_hook(state: _MeanAllReduce, bucket) -> torch.futures.Future:
-    """DDP communication hook: all-reduce one gradient bucket to the mean over ranks, in place.
+def mean_allreduce_hook(state: _MeanAllReduce, bucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: all-reduce one gradient bucket (a dist.GradBucket) to the mean over ranks, in place.
 
     On NCCL the 1/world factor is applied inside the reduction (ReduceOp.AVG); gloo has no AVG, so the bucket is
     divided first, in one kernel for the whole bucket. With a wire dtype the bucket travels cast to it and the
     mean is copied back into it. The bucket's own buffer comes back, so gradients that are views of the buckets
-    (gradient_as_bucket_view) need no copy afterwards."""
+    (gradient_as_bucket_view) need no copy afterwards. For DDP's C++ reducer: the experimental Python one
+    (torch._dynamo.config.optimize_ddp="python_reducer") calls hooks with other arguments and is not used here."""
     import torch.distributed as dist
 
     bucket_buffer = bucket.buffer()
     wire = bucket_buffer if state.wire_dtype in (None, bucket_buffer.dtype) else bucket_buffer.to(state.wire_dtype)
-    if state.native_average:
+    if state.nccl and wire.is_cuda:
         work = dist.all_reduce(wire, op=dist.ReduceOp.AVG, group=state.group, async_op=True)
     else:
         wire.div_(state.world_size)
@@ -209,8 +211,8 @@ def mean_allreduce_hook(state: _MeanAllReduce, bucket) -> torch.futures.Future:
     return work.get_future().then(result)
 
 
-# register_comm_hook compares the return annotation with the object itself; `from __future__ import annotations`
-# made it a string.
+# register_comm_hook compares the return annotation with the object itself, and `from __future__ import annotations`
+# made it a string (for the same reason `bucket` carries no annotation: a string would fail that check too).
 mean_allreduce_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
@@ -226,9 +228,36 @@ def use_mean_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel,
     import torch.distributed as dist
 
     group = ddp_model.process_group
-    state = _MeanAllReduce(group=group, native_average=dist.get_backend(group) == "nccl",
+    # "nccl", or a per-device list such as "cpu:gloo,cuda:nccl" (CUDA buckets then go to NCCL)
+    state = _MeanAllReduce(group=group, nccl="nccl" in str(dist.get_backend(group)),
                            world_size=dist.get_world_size(group), wire_dtype=wire_dtype)
     ddp_model.register_comm_hook(state, mean_allreduce_hook)
+
+
+def align_compiled_pieces_with_buckets(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Make torch.compile cut a DDP model's graph where DDP cuts its gradient buckets. Call after wrapping, before
+    the first compiled step.
+
+    Why: under DDP, dynamo's DDPOptimizer splits the compiled graph into pieces of about one bucket each, so that
+    a bucket's all-reduce can start as soon as the backward of its piece ends. It sizes the first piece (the LM
+    head's side, the first to finish in the backward) by torch.distributed._DEFAULT_FIRST_BUCKET_BYTES (1 MiB),
+    while DDP, given a bucket size, makes its first bucket that size. Every later boundary is then shifted, and the
+    last buckets mix gradients of the last two pieces: their all-reduces wait for the end of the backward. At the
+    124M shape with 125 MiB buckets that is 258 MiB all-reduced after the backward; with the first sizes equal,
+    132 MiB (the buckets and pieces, printed on the CPU: benchmarks/README.md, Scaling). DDP reads the constant
+    once, when it is built (torch's DDP names it the knob for its first bucket); DDPOptimizer reads it when it
+    compiles, so setting it to the size DDP used makes the two agree. (With per-block compilation, compile mode
+    "blocks", each block's graph is small; the setting then only keeps dynamo from splitting a block.)
+    A process-wide setting: a DDP model built afterwards in the same process with PyTorch's default bucket size
+    (25 MiB) would get this first bucket size too, and, compiled, fail dynamo's check that the first bucket is not
+    larger than the others; pass that model an explicit bucket_cap_mb."""
+    import torch.distributed as dist
+
+    config = getattr(ddp_model, "_bucket_config", None)  # torch >= 2.12
+    first = getattr(config, "first_bucket_bytes_cap", None)
+    if first is None:  # older torch: the constant with PyTorch's default bucket size, else the bucket size
+        first = dist._DEFAULT_FIRST_BUCKET_BYTES if ddp_model.bucket_bytes_cap_default else ddp_model.bucket_bytes_cap
+    dist._DEFAULT_FIRST_BUCKET_BYTES = int(first)
 
 
 def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode | None = None,

@@ -57,7 +57,12 @@ from dist_lm.train.checkpoint import (
     set_rng_state,
 )
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
-from dist_lm.train.parallel import FSDPOptions, apply_parallelism, use_mean_allreduce
+from dist_lm.train.parallel import (
+    FSDPOptions,
+    align_compiled_pieces_with_buckets,
+    apply_parallelism,
+    use_mean_allreduce,
+)
 from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
 
 METRICS_FILE = "metrics.jsonl"
@@ -127,6 +132,8 @@ def train(cfg: RunConfig) -> TrainResult:
         model, optimizer = accelerator.prepare(model, optimizer)
         if isinstance(model, DistributedDataParallel):
             use_mean_allreduce(model)  # the 1/world factor inside the all-reduce (ddp_kwargs says why)
+            if t.compile:
+                align_compiled_pieces_with_buckets(model)  # before the first compiled step
     else:
         # Already sharded by apply_fsdp. Accelerate's prepare() under FSDP2 insists on re-preparing model and
         # optimizer together (and swaps the optimizer's parameters), so we wrap the optimizer ourselves: the
@@ -393,7 +400,8 @@ def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
     of the buckets, and no buffer broadcast: the model's only buffers are the RoPE tables, computed the same way on
     every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step. After
     prepare() the trainer also registers parallel.mean_allreduce_hook, which averages inside NCCL's all-reduce
-    instead of DDP's per-parameter division kernels."""
+    instead of DDP's per-parameter division kernels, and (compiled) aligns the compiled graph's pieces with these
+    buckets (parallel.align_compiled_pieces_with_buckets)."""
     return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True,
                                          broadcast_buffers=False)
 

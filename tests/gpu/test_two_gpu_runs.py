@@ -128,10 +128,10 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
 
 
 def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards):
-    """The trainer's default compiled path (CUDA graphs, 125 MB buckets, gradients as bucket views, the mean
-    all-reduce hook) on 2 GPUs against 1 GPU x accumulation 2 at the same global batch: the same micro-batches,
-    so the same curve up to the rounding of two different reductions (eager: identical at every step,
-    benchmarks/README.md)."""
+    """The trainer's default compiled path (CUDA graphs, 125 MiB buckets, gradients as bucket views, the mean
+    all-reduce hook, graph pieces aligned with the buckets) on 2 GPUs against 1 GPU x accumulation 2 at the same
+    global batch: the same micro-batches, so the same curve up to the rounding of two different reductions
+    (eager: identical at every step, benchmarks/README.md)."""
     two = tmp_path / "ddp"
     out = train(two, shards, "ddp.yaml")
     assert "(DDP, compiled (cudagraphs))" in out and "2 process(es)" in out, out[-2000:]
@@ -151,7 +151,7 @@ def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards)
     # The mean over ranks, not the sum: Adam and clipping hide a constant gradient scale from the losses of the
     # first steps, not from the logged norm (a sum would double it).
     norms_two, norms_one = grad_norms(two), grad_norms(one)
-    assert all(abs(norms_two[s] / norms_one[s] - 1) < 0.02 for s in (5, 10)), (norms_two, norms_one)
+    assert all(abs(norms_two[s] / norms_one[s] - 1) < 0.1 for s in (5, 10)), (norms_two, norms_one)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4 or torch.cuda.device_count() % 2,

@@ -1,4 +1,4 @@
-"""One rank of the DDP comm-hook test (tests/integration/test_ddp_hook.py), started by torchrun over gloo.
+"""One rank of the DDP comm-hook test (tests/integration/test_ddp_setup.py), started by torchrun over gloo.
 
 usage: torchrun --nproc_per_node N ddp_hook_worker.py OUT_DIR WIRE   (WIRE: fp32 | bf16)
 
@@ -40,7 +40,8 @@ def main() -> None:
         ddp(batch(rank, step)).square().sum().backward()
         grads.append({name: p.grad.tolist() for name, p in ddp.module.named_parameters()})
     if rank == 0:
-        (out / "grads.json").write_text(json.dumps({"grads": grads, "world": dist.get_world_size()}))
+        hooks = [hook.__name__ for hook, _ in ddp._comm_hooks]  # DDP alone would average too: check it is ours
+        (out / "grads.json").write_text(json.dumps({"grads": grads, "world": dist.get_world_size(), "hooks": hooks}))
     dist.barrier()
     dist.destroy_process_group()
     # As fsdp_worker: leave without interpreter/C++ teardown, where gloo's background threads can abort the

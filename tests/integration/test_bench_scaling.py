@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import ROOT, checkout_env, ok
 
 SCRIPT = ROOT / "benchmarks" / "bench_scaling.py"
@@ -28,7 +29,9 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     assert rows["ddp"]["ddp_seen"] == {"bucket_cap_mb": want.bucket_cap_mb, "static_graph": False,
                                        "gradient_as_bucket_view": want.gradient_as_bucket_view,
                                        "broadcast_buffers": want.broadcast_buffers,
-                                       "comm_hooks": ["mean_allreduce_hook"]}
+                                       "comm_hooks": ["mean_allreduce_hook"],
+                                       # eager dry run: no compiled pieces, torch's constant left as it is
+                                       "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}
     assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
 
 
