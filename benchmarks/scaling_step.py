@@ -189,12 +189,16 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
     note = ""
     if fsdp is None:
+        # As train(): before prepare() builds DDP. Only where DDP is given a bucket size (the trainer's settings or
+        # --bucket-cap-mb); with Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
+        cap = accelerator.ddp_handler.bucket_cap_mb if accelerator.ddp_handler is not None else None
+        explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
+        if not args.no_compile and not args.no_align_pieces and explicit and accelerator.num_processes > 1:
+            align_compiled_pieces_with_buckets(cap)
         model, optimizer = accelerator.prepare(model, optimizer)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # as train()
             if args.comm_hook.startswith("mean"):
                 use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)
-            if not args.no_compile and not args.no_align_pieces:
-                align_compiled_pieces_with_buckets(model)
     else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:

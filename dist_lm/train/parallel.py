@@ -234,30 +234,27 @@ def use_mean_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel,
     ddp_model.register_comm_hook(state, mean_allreduce_hook)
 
 
-def align_compiled_pieces_with_buckets(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
-    """Make torch.compile cut a DDP model's graph where DDP cuts its gradient buckets. Call after wrapping, before
-    the first compiled step.
+def align_compiled_pieces_with_buckets(bucket_cap_mb: float) -> None:
+    """Make torch.compile cut a DDP model's graph where DDP cuts its gradient buckets, for DDP given
+    `bucket_cap_mb`. Call before DDP wraps the model (accelerator.prepare).
 
     Why: under DDP, dynamo's DDPOptimizer splits the compiled graph into pieces of about one bucket each, so that
     a bucket's all-reduce can start as soon as the backward of its piece ends. It sizes the first piece (the LM
     head's side, the first to finish in the backward) by torch.distributed._DEFAULT_FIRST_BUCKET_BYTES (1 MiB),
-    while DDP, given a bucket size, makes its first bucket that size. Every later boundary is then shifted, and the
-    last buckets mix gradients of the last two pieces: their all-reduces wait for the end of the backward. At the
-    124M shape with 125 MiB buckets that is 258 MiB all-reduced after the backward; with the first sizes equal,
-    132 MiB (the buckets and pieces, printed on the CPU: benchmarks/README.md, Scaling). DDP reads the constant
-    once, when it is built (torch's DDP names it the knob for its first bucket); DDPOptimizer reads it when it
-    compiles, so setting it to the size DDP used makes the two agree. (With per-block compilation, compile mode
-    "blocks", each block's graph is small; the setting then only keeps dynamo from splitting a block.)
+    while DDP, given a bucket size, makes its first bucket that size (recent torch; older DDP read the constant
+    too). Every later boundary is then shifted, and the last buckets mix gradients of the last two pieces: their
+    all-reduces wait for the end of the backward. At the 124M shape with 125 MiB buckets that is 258 MiB
+    all-reduced after the backward; with the first sizes equal, 132 MiB (the buckets and pieces, printed on the
+    CPU: benchmarks/README.md, Scaling). Setting the constant (which torch's DDP names as the knob for its first
+    bucket) to the bucket size before DDP is built gives DDP, whichever way it reads it, and DDPOptimizer, which
+    reads it at each compile, the same first size. (With per-block compilation, compile mode "blocks", each
+    block's graph is small; the setting then only keeps dynamo from splitting a block.)
     A process-wide setting: a DDP model built afterwards in the same process with PyTorch's default bucket size
-    (25 MiB) would get this first bucket size too, and, compiled, fail dynamo's check that the first bucket is not
-    larger than the others; pass that model an explicit bucket_cap_mb."""
+    would get this first bucket too (and, compiled, could fail dynamo's check that the first bucket is not larger
+    than the others); pass that model an explicit bucket_cap_mb."""
     import torch.distributed as dist
 
-    config = getattr(ddp_model, "_bucket_config", None)  # torch >= 2.12
-    first = getattr(config, "first_bucket_bytes_cap", None)
-    if first is None:  # older torch: the constant with PyTorch's default bucket size, else the bucket size
-        first = dist._DEFAULT_FIRST_BUCKET_BYTES if ddp_model.bucket_bytes_cap_default else ddp_model.bucket_bytes_cap
-    dist._DEFAULT_FIRST_BUCKET_BYTES = int(first)
+    dist._DEFAULT_FIRST_BUCKET_BYTES = int(bucket_cap_mb * 1024 * 1024)  # as DDP turns MiB into bytes
 
 
 def apply_parallelism(model: torch.nn.Module, cfg: RunConfig, compile_mode: CompileMode | None = None,

@@ -129,11 +129,11 @@ def train(cfg: RunConfig) -> TrainResult:
                       eps=cfg.optim.eps, fused=None if cfg.optim.fused else False)
     param_names = optimizer_param_names(optimizer, raw_model)
     if fsdp is None:
+        if t.compile and accelerator.num_processes > 1:  # DDP over a compiled model: before prepare() builds DDP
+            align_compiled_pieces_with_buckets(t.ddp_bucket_mb)
         model, optimizer = accelerator.prepare(model, optimizer)
         if isinstance(model, DistributedDataParallel):
             use_mean_allreduce(model)  # the 1/world factor inside the all-reduce (ddp_kwargs says why)
-            if t.compile:
-                align_compiled_pieces_with_buckets(model)  # before the first compiled step
     else:
         # Already sharded by apply_fsdp. Accelerate's prepare() under FSDP2 insists on re-preparing model and
         # optimizer together (and swaps the optimizer's parameters), so we wrap the optimizer ourselves: the

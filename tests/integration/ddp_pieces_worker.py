@@ -42,11 +42,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = TransformerLM(CFG)
     names = {p: n for n, p in model.named_parameters()}
+    if align:  # as the trainer: before DDP is built
+        align_compiled_pieces_with_buckets(bucket_mb)
     ddp = DistributedDataParallel(torch.compile(model), bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True,
                                   broadcast_buffers=False)
     use_mean_allreduce(ddp)
-    if align:
-        align_compiled_pieces_with_buckets(ddp)
     x = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len), generator=torch.Generator().manual_seed(dist.get_rank()))
     for _ in range(3):  # DDP rebuilds its buckets after the first step, in the order the gradients arrived
         ddp(x, x).backward()
