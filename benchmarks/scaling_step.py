@@ -61,14 +61,15 @@ from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import (  # noqa: E402
-    COMPILE_MODES,
-    FSDP_UNITS,
-    align_compiled_pieces_with_buckets,
-    apply_parallelism,
-    use_mean_allreduce,
+from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism  # noqa: E402
+from dist_lm.train.trainer import (  # noqa: E402
+    _fsdp_options,
+    _to_device,
+    compiled_as,
+    cuda_graphs,
+    ddp_kwargs,
+    prepare_data_parallel,
 )
-from dist_lm.train.trainer import _fsdp_options, _to_device, compiled_as, cuda_graphs, ddp_kwargs  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
 DRY_RUN_SHAPE = (dict(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=256, seq_len=32), 2)
@@ -189,16 +190,13 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
     note = ""
     if fsdp is None:
-        # As train(): before prepare() builds DDP. Only where DDP is given a bucket size (the trainer's settings or
-        # --bucket-cap-mb); with Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
-        cap = accelerator.ddp_handler.bucket_cap_mb if accelerator.ddp_handler is not None else None
+        # Aligned only where DDP is given a bucket size (the trainer's settings or --bucket-cap-mb); with
+        # Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
         explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
-        if not args.no_compile and not args.no_align_pieces and explicit and accelerator.num_processes > 1:
-            align_compiled_pieces_with_buckets(cap)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # as train()
-            if args.comm_hook.startswith("mean"):
-                use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)
+        align = explicit and not args.no_compile and not args.no_align_pieces
+        model, optimizer = prepare_data_parallel(
+            accelerator, model, optimizer, **_hook(args),
+            align_bucket_mb=accelerator.ddp_handler.bucket_cap_mb if align else None)
     else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:
@@ -246,9 +244,8 @@ def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
     # Parameters still on the CPU: Accelerate moves them (DDP) or swaps in the shards (FSDP2) during prepare.
     optimizer = torch.optim.AdamW(model.parameters(), **HYPER, weight_decay=WEIGHT_DECAY,
                                   fused=torch.cuda.is_available())
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if args.comm_hook.startswith("mean") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        use_mean_allreduce(model, torch.bfloat16 if args.comm_hook == "mean-bf16" else None)  # --comm-hook asked
+    # Accelerate's defaults: DDP's own averaging unless --comm-hook asks for the mean hook (plain prepare under FSDP)
+    model, optimizer = prepare_data_parallel(accelerator, model, optimizer, align_bucket_mb=None, **_hook(args))
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     how = "eager" if args.no_compile else ("before prepare" if compiled_by_us else "accelerate dynamo config")
 
@@ -268,6 +265,12 @@ def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
         return step_loss / args.grad_accum
 
     return step, model, how + (" (FSDP2 plugin)" if fsdp else ""), {"note": "", "ddp_seen": _ddp_settings(model)}
+
+
+def _hook(args: argparse.Namespace) -> dict:
+    """prepare_data_parallel's hook arguments for --comm-hook (bf16 goes through Accelerate's own hook instead)."""
+    return {"mean_hook": args.comm_hook.startswith("mean"),
+            "wire_dtype": torch.bfloat16 if args.comm_hook == "mean-bf16" else None}
 
 
 def _ddp_settings(model: torch.nn.Module) -> dict | None:

@@ -129,11 +129,8 @@ def train(cfg: RunConfig) -> TrainResult:
                       eps=cfg.optim.eps, fused=None if cfg.optim.fused else False)
     param_names = optimizer_param_names(optimizer, raw_model)
     if fsdp is None:
-        if t.compile and accelerator.num_processes > 1:  # DDP over a compiled model: before prepare() builds DDP
-            align_compiled_pieces_with_buckets(t.ddp_bucket_mb)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if isinstance(model, DistributedDataParallel):
-            use_mean_allreduce(model)  # the 1/world factor inside the all-reduce (ddp_kwargs says why)
+        model, optimizer = prepare_data_parallel(accelerator, model, optimizer,
+                                                 align_bucket_mb=t.ddp_bucket_mb if t.compile else None)
     else:
         # Already sharded by apply_fsdp. Accelerate's prepare() under FSDP2 insists on re-preparing model and
         # optimizer together (and swaps the optimizer's parameters), so we wrap the optimizer ourselves: the
@@ -398,12 +395,27 @@ def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
     splits at bucket boundaries so that the all-reduces can overlap the backward), gradients copied into the
     buckets, and rank 0's buffers broadcast at every forward. We use train.ddp_bucket_mb (125), gradients as views
     of the buckets, and no buffer broadcast: the model's only buffers are the RoPE tables, computed the same way on
-    every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step. After
-    prepare() the trainer also registers parallel.mean_allreduce_hook, which averages inside NCCL's all-reduce
-    instead of DDP's per-parameter division kernels, and (compiled) aligns the compiled graph's pieces with these
-    buckets (parallel.align_compiled_pieces_with_buckets)."""
+    every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step. Around
+    prepare() the trainer also aligns a compiled graph's pieces with these buckets and registers the mean
+    all-reduce hook (`prepare_data_parallel`)."""
     return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True,
                                          broadcast_buffers=False)
+
+
+def prepare_data_parallel(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                          align_bucket_mb: float | None, mean_hook: bool = True,
+                          wire_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """accelerator.prepare with the trainer's DDP setup around it (under FSDP, plain prepare): before DDP
+    is built, the compiled graph's pieces aligned with buckets of `align_bucket_mb` (None: left to torch; for a
+    compiled model given that bucket size, parallel.align_compiled_pieces_with_buckets); after, the mean all-reduce
+    hook (parallel.use_mean_allreduce, gradients on the wire in `wire_dtype`). The benchmarks call it with their
+    knobs, so that they measure what the trainer runs."""
+    if align_bucket_mb is not None and accelerator.num_processes > 1:
+        align_compiled_pieces_with_buckets(align_bucket_mb)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if mean_hook and isinstance(model, DistributedDataParallel):
+        use_mean_allreduce(model, wire_dtype)  # the 1/world factor inside the all-reduce
+    return model, optimizer
 
 
 def compiled_as(cfg: RunConfig, fsdp: FSDPOptions | None, device: torch.device) -> str:
