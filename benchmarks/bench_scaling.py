@@ -164,6 +164,8 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--no-align-pieces", args.no_align_pieces)) if on]
     if args.comm_hook is not None:
         out += ["--comm-hook", args.comm_hook]
+    if args.trace_dir:
+        out += ["--trace-dir", str(Path(args.trace_dir).resolve())]
     out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
     if args.ddp_optimizer != "ddp_optimizer":
         out += ["--ddp-optimizer", args.ddp_optimizer]
@@ -486,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="blocks per unit with --fsdp-unit group")
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
+    p.add_argument("--trace-dir", default="",
+                   help="with --profile: every rank writes a Chrome trace (.json.gz) of its profiled steps there")
     p.add_argument("--child-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every run, e.g. NCCL_MAX_NCHANNELS=8 (fewer SMs for NCCL beside the "
                         "compute); repeatable; the NVLink-multicast switches cannot be changed")

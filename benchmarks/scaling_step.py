@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dist_lm FSDP2 block units: explicit next-block prefetch (FSDPOptions.explicit_prefetch)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 3 steps: GPU busy time, NCCL time and how much of it is exposed")
+    p.add_argument("--trace-dir", default="",
+                   help="with --profile: each rank also writes its Chrome trace of the profiled steps there "
+                        "(<tag or shape>_<type>x<processes>_rank<N>.json.gz), for reading kernel by kernel offline")
     p.add_argument("--tag", default="", help="free text copied into the row (the driver's run label)")
     p.add_argument("--dry-run", action="store_true", help="tiny shape, 1 warm-up + 1 timed step, any device")
     args = p.parse_args(argv)
@@ -343,7 +346,8 @@ def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> fl
     return total
 
 
-def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, steps: int = 3) -> dict:
+def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, steps: int = 3,
+                    trace: Path | None = None) -> dict:
     """Where a step's GPU time goes, per step in ms: the span from the first kernel to the last, the time any
     compute kernel runs, the time NCCL kernels run, the part of that with no compute beside it (exposed
     communication: what overlap would remove), idle gaps, and the top kernels by total time."""
@@ -355,6 +359,9 @@ def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, step
         for _ in range(steps):
             step()
         _sync(device)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))  # a .json.gz name is written compressed
     # GPU-side user annotations (DDP's "DistributedDataParallel.forward", "nccl:all_reduce") are ranges, not
     # kernels: counted as busy they would fill the gaps between the kernels they span.
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
@@ -411,7 +418,12 @@ def main(argv: list[str] | None = None) -> None:
         step, model, how, extra = build_hf(args, accelerator, cfg, x)
     warmup_s, windows_s, loss = timed(step, accelerator, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    profile = profile_summary(step, device) if args.profile else None
+    trace = None
+    if args.trace_dir:
+        label = "".join(c if c.isalnum() else "_" for c in (args.tag or args.shape))
+        topology = f"{accelerator.distributed_type.value.lower()}x{accelerator.num_processes}"
+        trace = Path(args.trace_dir) / f"{label}_{topology}_rank{accelerator.process_index}.json.gz"
+    profile = profile_summary(step, device, trace=trace) if args.profile else None
 
     mine = {"rank": accelerator.process_index, "windows_s": windows_s, "warmup_s": warmup_s, "peak_mem_GiB": peak,
             "loss": loss, "profile": profile}

@@ -2,6 +2,7 @@
 GPU measurements run, checked where CI can run them — the worker measures DDP with the trainer's own settings,
 and the trainer on 2 processes gives the same losses as 1 process with accumulation 2."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -23,7 +24,9 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     from dist_lm.config import RunConfig
     from dist_lm.train.trainer import ddp_kwargs
 
-    rows = {r["topology"]: r for r in dry_run("dist_lm", tmp_path, "--topologies", "single,ddp")["rows"]}
+    traces = tmp_path / "traces"
+    rows = {r["topology"]: r for r in dry_run("dist_lm", tmp_path, "--topologies", "single,ddp", "--profile",
+                                              "--trace-dir", str(traces))["rows"]}
     assert rows["single"]["tokens_per_s_per_gpu"] > 0 and rows["single"]["ddp_seen"] is None
     want = ddp_kwargs(RunConfig())
     assert rows["ddp"]["ddp_seen"] == {"bucket_cap_mb": want.bucket_cap_mb, "static_graph": False,
@@ -33,6 +36,12 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
                                        # eager dry run: no compiled pieces, torch's constant left as it is
                                        "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}
     assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
+    # --profile --trace-dir: every rank of every run leaves its Chrome trace (what benchmarks/trace_diff.py reads)
+    written = sorted(p.name for p in traces.iterdir())
+    assert len(written) == 3 and sum("_rank1." in name for name in written) == 1, written
+    for path in traces.iterdir():
+        events = json.loads(gzip.open(path).read())["traceEvents"]
+        assert any(e.get("ph") == "X" and "aten::" in e.get("name", "") for e in events), path
 
 
 def test_trainer_three_processes_equal_one_with_accumulation(tmp_path):
