@@ -1,13 +1,19 @@
 """Collective bandwidth between the GPUs of one host: what the data-parallel step has to hide.
 
-usage: python benchmarks/bench_comm.py [--sizes-mb 25,134,536] [--gpus N]      (2+ CUDA GPUs)
-       python benchmarks/bench_comm.py --dry-run                                (CPU, gloo, to check the script)
+usage: python benchmarks/bench_comm.py [--sizes-mb 25,134,536] [--gpus N] [--overlap] (2+ CUDA GPUs)
+       python benchmarks/bench_comm.py --dry-run [--overlap]                      (CPU, gloo, to check the script)
 
 Prints, per collective (all-reduce, all-gather, reduce-scatter) and message size, the time and the bus bandwidth
 in nccl-tests' convention (all-reduce: bytes * 2(n-1)/n / t; all-gather and reduce-scatter: bytes * (n-1)/n / t,
 bytes being the whole tensor), and which transport NCCL chose between the GPUs (P2P over NVLink, SHM through
 host memory, ...), read from NCCL_DEBUG=INFO. The default sizes are a DDP bucket (25 MB), and the 124M shape's
 gradients in bf16 and in fp32 (~268 / 536 MB).
+
+--overlap adds what an all-reduce costs the compute it overlaps: a chain of matmuls of the 124M block's MLP
+shapes (16 x 1024 tokens, d 768 -> 2048 -> 768, bf16) timed alone and beside one fp32 all-reduce of
+--overlap-mb (a DDP bucket), for NCCL communicators of fewer or more CTAs (thread blocks, one SM each), a
+high-priority NCCL stream, and cuBLAS told to leave SMs free (torch's SM carveout). The chain's slowdown, as a
+share of the all-reduce's own time, is the part of an overlapped all-reduce that overlap does not hide.
 
 Design decisions:
 - One process per GPU through torch.multiprocessing (spawn), NCCL; NVLink multicast forced off (KINDS.md) in the
@@ -24,6 +30,7 @@ for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICA
     os.environ[_key] = _value
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -34,9 +41,15 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 WARMUP, TIMED = 5, 20
+# --overlap: (label, NCCL communicator options, cuBLAS SM carveout); None: the default communicator / no carveout
+OVERLAP_SETTINGS = (("default", None, None), ("NCCL max 8 CTAs", {"max_ctas": 8}, None),
+                    ("NCCL max 16 CTAs", {"max_ctas": 16}, None), ("NCCL min 32 CTAs", {"min_ctas": 32}, None),
+                    ("NCCL high-priority stream", {"high_priority": True}, None),
+                    ("cuBLAS SM carveout 16", None, 16), ("cuBLAS SM carveout 32", None, 32))
 
 
-def _worker(rank: int, world: int, sizes_mb: list[float], port: int, result_file: str, cpu: bool) -> None:
+def _worker(rank: int, world: int, sizes_mb: list[float], port: int, result_file: str, cpu: bool,
+            overlap_mb: float | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cpu") if cpu else torch.device("cuda", rank)
     if not cpu:
@@ -62,8 +75,87 @@ def _worker(rank: int, world: int, sizes_mb: list[float], port: int, result_file
                 rows.append((name, str(dtype).removeprefix("torch."), nbytes, seconds, nbytes * factor / seconds))
     if rank == 0:
         Path(result_file).write_text("\n".join(",".join(map(str, r)) for r in rows))
+    if overlap_mb is not None:
+        overlap = _overlap_rows(world, device, overlap_mb)
+        if rank == 0:
+            Path(result_file + ".overlap").write_text(json.dumps(overlap))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _communicator(options: dict | None, world: int):
+    """A new NCCL communicator with the given CTA limits / stream priority (None: the default group)."""
+    if options is None:
+        return None
+    nccl_options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=options.get("high_priority", False))
+    for key in ("min_ctas", "max_ctas"):
+        if key in options:
+            setattr(nccl_options.config, key, options[key])
+    return dist.new_group(list(range(world)), backend="nccl", pg_options=nccl_options)
+
+
+def _overlap_rows(world: int, device: torch.device, overlap_mb: float) -> list[dict]:
+    """Per OVERLAP_SETTINGS entry: all-reduce alone, matmul chain alone, the chain beside the all-reduce (ms)."""
+    cpu = device.type == "cpu"
+    tokens, d_model, d_ff = (64, 32, 64) if cpu else (16 * 1024, 768, 2048)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    x = torch.randn(tokens, d_model, device=device, dtype=dtype)
+    w_in = torch.randn(d_ff, d_model, device=device, dtype=dtype) * 0.02
+    w_out = torch.randn(d_model, d_ff, device=device, dtype=dtype) * 0.02
+    bucket = torch.randn(int(overlap_mb * 2**20) // 4, device=device)
+
+    def chain() -> None:
+        h = x
+        for _ in range(12):
+            h = (h @ w_in.t()) @ w_out.t()
+
+    def all_reduce(group) -> None:
+        dist.all_reduce(bucket, group=group)
+
+    rows = []
+    settings = OVERLAP_SETTINGS[:1] if cpu else OVERLAP_SETTINGS  # gloo has no CTAs and the CPU no cuBLAS
+    if not hasattr(torch._C, "_set_sm_carveout_experimental"):  # an experimental hook, not in every torch
+        settings = [s for s in settings if s[2] is None]
+    for label, options, carveout in settings:
+        group = _communicator(options, world)
+        if carveout is not None:
+            torch._C._set_sm_carveout_experimental(carveout)
+        for _ in range(WARMUP):
+            all_reduce(group)
+            chain()
+        reduce_s, chain_s = _time(lambda g=group: all_reduce(g), device), _time(chain, device)
+        beside = []
+        for _ in range(TIMED // 4):
+            dist.barrier()  # both ranks start the all-reduce together, as the ranks of a DDP step roughly do
+            beside.append(_time_beside(lambda g=group: dist.all_reduce(bucket, group=g, async_op=True), chain,
+                                       device))
+        if carveout is not None:
+            torch._C._set_sm_carveout_experimental(None)
+        rows.append({"setting": label, "all_reduce_ms": reduce_s * 1e3, "chain_ms": chain_s * 1e3,
+                     "chain_beside_ms": sorted(beside)[len(beside) // 2] * 1e3})
+    return rows
+
+
+def _time_beside(start_async, chain, device: torch.device) -> float:
+    """Seconds the chain takes when an asynchronous collective (start_async() -> work) starts just before it."""
+    if device.type == "cpu":
+        import time
+
+        t0 = time.perf_counter()
+        work = start_async()
+        chain()
+        seconds = time.perf_counter() - t0
+        work.wait()
+        return seconds
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    work = start_async()  # on NCCL's stream, after the compute stream's pending work (none)
+    chain()
+    end.record()
+    work.wait()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3
 
 
 def _time(op, device: torch.device) -> float:
@@ -96,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", type=int, default=0, help="processes (0: every visible GPU)")
     p.add_argument("--port", type=int, default=29580)
     p.add_argument("--dry-run", action="store_true", help="2 CPU processes over gloo, 1 MiB")
+    p.add_argument("--overlap", action="store_true",
+                   help="also time a matmul chain beside an all-reduce, per NCCL/cuBLAS setting (module docstring)")
+    p.add_argument("--overlap-mb", type=float, default=128.0, help="--overlap: the all-reduce's size in MiB")
     args = p.parse_args(argv)
     sizes = [1.0] if args.dry_run else [float(s) for s in args.sizes_mb.split(",") if s]
     world = 2 if args.dry_run else (args.gpus or torch.cuda.device_count())
@@ -108,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         # One file per process (%h host, %p pid): ranks writing one file would interleave their lines.
         os.environ.update(NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,P2P,SHM,NET",
                           NCCL_DEBUG_FILE=str(log) + ".%h.%p")
-        mp.spawn(_worker, args=(world, sizes, args.port, str(result), args.dry_run), nprocs=world, join=True)
+        overlap_mb = (1.0 if args.dry_run else args.overlap_mb) if args.overlap else None
+        mp.spawn(_worker, args=(world, sizes, args.port, str(result), args.dry_run, overlap_mb), nprocs=world,
+                 join=True)
+        overlap = json.loads(Path(str(result) + ".overlap").read_text()) if args.overlap else []
         rows = [line.split(",") for line in result.read_text().splitlines()]
         logs = "".join(f.read_text(errors="replace") for f in Path(tmp).glob("nccl.log*"))
     device = "cpu (gloo)" if args.dry_run else f"{torch.cuda.get_device_name(0)} x{world}"
@@ -118,6 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, dtype, nbytes, seconds, busbw in rows:
         print(f"| {name} | {dtype} | {int(nbytes) / 2**20:,.0f} | {float(seconds) * 1e3:.2f} | "
               f"{float(busbw) / 1e9:,.1f} |")
+    if overlap:
+        print(f"\nA matmul chain beside one fp32 all-reduce of {overlap_mb:g} MiB (slowdown: chain beside minus "
+              "alone; share: of the all-reduce's own time)")
+        print("\n| setting | all-reduce ms | chain alone ms | chain beside ms | slowdown ms | share |\n"
+              "|---|---|---|---|---|---|")
+        for r in overlap:
+            slowdown = r["chain_beside_ms"] - r["chain_ms"]
+            print(f"| {r['setting']} | {r['all_reduce_ms']:.3f} | {r['chain_ms']:.3f} | {r['chain_beside_ms']:.3f} | "
+                  f"{slowdown:+.3f} | {slowdown / r['all_reduce_ms']:.0%} |")
     sys.stdout.flush()
 
 
