@@ -247,8 +247,11 @@ def align_compiled_pieces_with_buckets(bucket_cap_mb: float) -> None:
     all-reduced after the backward; with the first sizes equal, 132 MiB (the buckets and pieces, printed on the
     CPU: benchmarks/README.md, Scaling). Setting the constant (which torch's DDP names as the knob for its first
     bucket) to the bucket size before DDP is built gives DDP, whichever way it reads it, and DDPOptimizer, which
-    reads it at each compile, the same first size. (With per-block compilation, compile mode "blocks", each
-    block's graph is small; the setting then only keeps dynamo from splitting a block.)
+    reads it at each compile, the same first size. Measured on 2 H200s, the two layouts run at the same speed
+    (489.9k vs 491.1k tokens/s per GPU at 124M: an overlapped all-reduce still costs the backward about half its
+    time there); the alignment stays so that the pieces are the ones the design assumes. (With per-block
+    compilation, compile mode "blocks", each block's graph is small; the setting then only keeps dynamo from
+    splitting a block.)
     A process-wide setting: a DDP model built afterwards in the same process with PyTorch's default bucket size
     would get this first bucket too (and, compiled, could fail dynamo's check that the first bucket is not larger
     than the others); pass that model an explicit bucket_cap_mb."""
