@@ -12,8 +12,10 @@ gradients in bf16 and in fp32 (~268 / 536 MB).
 --overlap adds what an all-reduce costs the compute it overlaps: a chain of matmuls of the 124M block's MLP
 shapes (16 x 1024 tokens, d 768 -> 2048 -> 768, bf16) timed alone and beside one fp32 all-reduce of
 --overlap-mb (a DDP bucket), for NCCL communicators of fewer or more CTAs (thread blocks, one SM each), a
-high-priority NCCL stream, and cuBLAS told to leave SMs free (torch's SM carveout). The chain's slowdown, as a
-share of the all-reduce's own time, is the part of an overlapped all-reduce that overlap does not hide.
+high-priority NCCL stream, and cuBLAS told to leave SMs free (torch's SM carveout, which torch applies on its
+cuBLASLt path only: those rows send the matmuls through cuBLASLt, beside a cuBLASLt row without carveout). The
+chain's slowdown, as a share of the all-reduce's own time, is the part of an overlapped all-reduce that overlap
+does not hide.
 
 Design decisions:
 - One process per GPU through torch.multiprocessing (spawn), NCCL; NVLink multicast forced off (KINDS.md) in the
@@ -45,7 +47,8 @@ WARMUP, TIMED = 5, 20
 OVERLAP_SETTINGS = (("default", None, None), ("NCCL max 8 CTAs", {"max_ctas": 8}, None),
                     ("NCCL max 16 CTAs", {"max_ctas": 16}, None), ("NCCL min 32 CTAs", {"min_ctas": 32}, None),
                     ("NCCL high-priority stream", {"high_priority": True}, None),
-                    ("cuBLAS SM carveout 16", None, 16), ("cuBLAS SM carveout 32", None, 32))
+                    ("cuBLASLt, no carveout", None, 0), ("cuBLASLt, SM carveout 16", None, 16),
+                    ("cuBLASLt, SM carveout 32", None, 32))
 
 
 def _worker(rank: int, world: int, sizes_mb: list[float], port: int, result_file: str, cpu: bool,
@@ -109,8 +112,11 @@ def _overlap_rows(world: int, device: torch.device, overlap_mb: float) -> list[d
         for _ in range(12):
             h = (h @ w_in.t()) @ w_out.t()
 
-    def all_reduce(group) -> None:
-        dist.all_reduce(bucket, group=group)
+    # The mean, as DDP's buckets take it (and the bucket stays finite over the repeats); gloo has no AVG.
+    op = dist.ReduceOp.SUM if cpu else dist.ReduceOp.AVG
+
+    def all_reduce(group, async_op: bool = False):
+        return dist.all_reduce(bucket, op=op, group=group, async_op=async_op)
 
     rows = []
     settings = OVERLAP_SETTINGS[:1] if cpu else OVERLAP_SETTINGS  # gloo has no CTAs and the CPU no cuBLAS
@@ -119,6 +125,9 @@ def _overlap_rows(world: int, device: torch.device, overlap_mb: float) -> list[d
     for label, options, carveout in settings:
         group = _communicator(options, world)
         if carveout is not None:
+            # torch applies the carveout (cuBLASLt's SM-count target) on its cuBLASLt path only: send the
+            # matmuls there for these rows; the row's "chain alone" shows what the SMs left out cost.
+            torch.backends.cuda.preferred_blas_library("cublaslt")
             torch._C._set_sm_carveout_experimental(carveout)
         for _ in range(WARMUP):
             all_reduce(group)
@@ -127,10 +136,10 @@ def _overlap_rows(world: int, device: torch.device, overlap_mb: float) -> list[d
         beside = []
         for _ in range(TIMED // 4):
             dist.barrier()  # both ranks start the all-reduce together, as the ranks of a DDP step roughly do
-            beside.append(_time_beside(lambda g=group: dist.all_reduce(bucket, group=g, async_op=True), chain,
-                                       device))
+            beside.append(_time_beside(lambda g=group: all_reduce(g, async_op=True), chain, device))
         if carveout is not None:
             torch._C._set_sm_carveout_experimental(None)
+            torch.backends.cuda.preferred_blas_library("default")
         rows.append({"setting": label, "all_reduce_ms": reduce_s * 1e3, "chain_ms": chain_s * 1e3,
                      "chain_beside_ms": sorted(beside)[len(beside) // 2] * 1e3})
     return rows

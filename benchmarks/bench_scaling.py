@@ -164,8 +164,8 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--no-align-pieces", args.no_align_pieces)) if on]
     if args.comm_hook is not None:
         out += ["--comm-hook", args.comm_hook]
-    if args.trace_dir:
-        out += ["--trace-dir", str(Path(args.trace_dir).resolve())]
+    if args.trace_dir:  # one folder per --tag, so a variant's traces never replace the default run's
+        out += ["--trace-dir", str(Path(args.trace_dir).resolve() / (args.tag or "default"))]
     out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
     if args.ddp_optimizer != "ddp_optimizer":
         out += ["--ddp-optimizer", args.ddp_optimizer]
@@ -489,7 +489,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--trace-dir", default="",
-                   help="with --profile: every rank writes a Chrome trace (.json.gz) of its profiled steps there")
+                   help="with --profile: every rank writes a Chrome trace (.json.gz) of its profiled steps in "
+                        "DIR/<--tag or 'default'>/ (benchmarks/trace_diff.py compares two)")
     p.add_argument("--child-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="environment for every run, e.g. NCCL_MAX_NCHANNELS=8 (fewer SMs for NCCL beside the "
                         "compute); repeatable; the NVLink-multicast switches cannot be changed")
@@ -511,6 +512,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.warmup = 15, 3  # 3 windows of 5 steps
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1 (the first step compiles)")
+    if args.trace_dir and not args.profile:
+        p.error("--trace-dir writes the traces of the profiled steps: add --profile")
     return args
 
 

@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="free text copied into the row (the driver's run label)")
     p.add_argument("--dry-run", action="store_true", help="tiny shape, 1 warm-up + 1 timed step, any device")
     args = p.parse_args(argv)
+    if args.trace_dir and not args.profile:
+        p.error("--trace-dir writes the traces of the profiled steps: add --profile")
     if not args.dry_run and args.shape not in SHAPES:
         p.error(f"--shape {args.shape!r} is unknown; choose from {list(SHAPES)}")
     if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1 or args.batch < 0:

@@ -35,15 +35,19 @@ def load_gpu_events(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
-    return sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
-                  key=lambda e: e["ts"])
+    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
+    if not gpu:
+        raise SystemExit(f"{path}: no GPU kernels in this trace (profiled on the CPU?)")
+    return gpu
 
 
 def kind(name: str) -> str:
     """The kind of work a kernel does, stable across graph splits (see the module docstring)."""
     if name.startswith("nccl"):
         return "NCCL"
-    if "nvjet" in name or "gemm" in name.lower() or "cutlass" in name:
+    # Only the kernel's own name, not its template arguments: attention kernels carry cutlass:: types in theirs.
+    base = name.split("<")[0].split("(")[0]
+    if "nvjet" in base or "gemm" in base.lower() or "cutlass" in base.lower():
         return "GEMM"
     if name.startswith(("Memcpy", "Memset")):
         return name.split(" (")[0]
@@ -67,7 +71,8 @@ def is_gemm(event: dict) -> bool:
 
 
 def stream_summary(events: list[dict], steps: int) -> dict[int, dict[str, float]]:
-    """Per stream: kernels, busy ms and gap ms, per step."""
+    """Per stream: kernels, busy ms and gap ms, per step. Gaps are the stream's idle time between its first and
+    last kernel, the time between the profiled steps included (steps run back to back, so that is idle too)."""
     by_stream: dict[int, list[dict]] = defaultdict(list)
     for e in events:
         by_stream[e.get("args", {}).get("stream", -1)].append(e)
@@ -103,10 +108,12 @@ def gemms_beside_nccl(base: list[dict], other: list[dict], steps: int) -> dict[s
     GEMM (by order) of `base`: ms in base and in other, per group."""
     nccl = [(e["ts"], e["ts"] + e["dur"]) for e in other if kind(e["name"]) == "NCCL"]
     base_gemms, other_gemms = [e for e in base if is_gemm(e)], [e for e in other if is_gemm(e)]
+    if not base_gemms:
+        raise SystemExit("no GEMMs in the base trace: nothing to match")
+    if len(other_gemms) != len(base_gemms) or len(base_gemms) % steps:
+        raise SystemExit(f"the traces differ in GEMM count ({len(base_gemms)} vs {len(other_gemms)}), or it is not "
+                         f"a multiple of --steps {steps}: not the same step, or not the same number of steps")
     per_step = len(base_gemms) // steps
-    if per_step == 0 or len(other_gemms) != len(base_gemms):
-        raise SystemExit(f"the traces differ in GEMM count ({len(base_gemms)} vs {len(other_gemms)}): not the "
-                         "same step, or not the same number of profiled steps (--steps)")
     middle = slice((steps // 2) * per_step, (steps // 2 + 1) * per_step)
     out = {"beside_base_ms": 0.0, "beside_ms": 0.0, "alone_base_ms": 0.0, "alone_ms": 0.0, "beside_count": 0}
     for a, b in zip(base_gemms[middle], other_gemms[middle]):

@@ -37,9 +37,9 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
                                        "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}
     assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
     # --profile --trace-dir: every rank of every run leaves its Chrome trace (what benchmarks/trace_diff.py reads)
-    written = sorted(p.name for p in traces.iterdir())
+    written = sorted(p.name for p in (traces / "default").iterdir())  # one folder per --tag (none given here)
     assert len(written) == 3 and sum("_rank1." in name for name in written) == 1, written
-    for path in traces.iterdir():
+    for path in (traces / "default").iterdir():
         events = json.loads(gzip.open(path).read())["traceEvents"]
         assert any(e.get("ph") == "X" and "aten::" in e.get("name", "") for e in events), path
 

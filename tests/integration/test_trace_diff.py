@@ -46,8 +46,10 @@ def test_trace_diff_separates_gemms_beside_nccl(tmp_path):
     # inductor's _1 and _3 are the same kind of work: equal time, no difference
     assert "| inductor (Triton) kernels | 0.005 | 0.005 | +0.000 |" in out, out
     assert "| Memcpy DtoD | 0.000 | 0.004 | +0.004 |" in out, out
-    # per stream and per step: the NCCL stream's one 25 us all-reduce
+    # per stream and per step: the NCCL stream's one 25 us all-reduce; the compute stream's 39 us of work and its
+    # gaps, 5 us inside each step and 56 us between steps (127 us over 3 steps)
     assert "stream 17: 1 kernels, busy 0.03 ms" in out, out
+    assert "stream 7: 4 kernels, busy 0.04 ms, gaps 0.04 ms" in out, out
 
 
 def test_trace_diff_refuses_traces_of_different_steps(tmp_path):
@@ -58,3 +60,26 @@ def test_trace_diff_refuses_traces_of_different_steps(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(base), str(other)], capture_output=True, text=True,
                           timeout=60, env=checkout_env())
     assert proc.returncode != 0 and "differ in GEMM count" in proc.stderr, proc.stderr
+
+
+def test_trace_diff_says_when_a_trace_has_no_gpu_kernels(tmp_path):
+    base, other = tmp_path / "a.json.gz", tmp_path / "cpu.json.gz"
+    write_trace(base, ddp=False)
+    with gzip.open(other, "wt") as f:  # what a CPU dry run's profile holds: host events only
+        json.dump({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1}]}, f)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(base), str(other)], capture_output=True, text=True,
+                          timeout=60, env=checkout_env())
+    assert proc.returncode != 0 and "no GPU kernels in this trace" in proc.stderr, proc.stderr
+
+
+def test_attention_kernels_with_cutlass_types_are_not_gemms():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trace_diff", SCRIPT)
+    trace_diff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_diff)
+    assert trace_diff.kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<cutlass::bfloat16_t>>(")\
+        != "GEMM"
+    assert trace_diff.kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "GEMM"
+    assert trace_diff.kind("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm>(Params)") == "GEMM"
+    assert trace_diff.kind("triton_poi_fused_mul_12") == "triton_poi_fused_mul"
