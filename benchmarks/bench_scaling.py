@@ -164,6 +164,8 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
                                   ("--no-align-pieces", args.no_align_pieces)) if on]
     if args.comm_hook is not None:
         out += ["--comm-hook", args.comm_hook]
+    if args.grad_sync != "ddp":
+        out += ["--grad-sync", args.grad_sync]
     if args.trace_dir:  # one folder per --tag, so a variant's traces never replace the default run's
         out += ["--trace-dir", str(Path(args.trace_dir).resolve() / (args.tag or "default"))]
     out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
@@ -195,6 +197,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
             parts.append("grad as bucket view")
         if args.static_graph:
             parts.append("static graph")
+        if system == "dist_lm" and args.grad_sync == "coalesced":
+            parts.append("no DDP: coalesced all-reduce where the backward leaves the gradients")
         if args.no_broadcast_buffers and (trainer is None or trainer.broadcast_buffers):
             parts.append("no buffer broadcast")
         hook_by_default = "mean" if trainer is not None else "none"
@@ -488,6 +492,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="blocks per unit with --fsdp-unit group")
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
+    p.add_argument("--grad-sync", choices=("ddp", "coalesced"), default="ddp",
+                   help="dist_lm's 'ddp' rows: torch's DDP (the trainer's), or dist_lm.train.grad_sync (no DDP "
+                        "module, gradients all-reduced where the backward leaves them; experimental)")
     p.add_argument("--trace-dir", default="",
                    help="with --profile: every rank writes a Chrome trace (.json.gz) of its profiled steps in "
                         "DIR/<--tag or 'default'>/ (benchmarks/trace_diff.py compares two)")

@@ -60,6 +60,7 @@ from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, wind
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
+from dist_lm.train.grad_sync import GradientAverager, broadcast_parameters, split_compile  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
 from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism  # noqa: E402
 from dist_lm.train.trainer import (  # noqa: E402
@@ -104,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
     p.add_argument("--no-broadcast-buffers", action="store_true",
                    help="DDP broadcast_buffers=False (dist_lm's only buffers are the fixed RoPE tables)")
+    p.add_argument("--grad-sync", choices=("ddp", "coalesced"), default="ddp",
+                   help="dist_lm on several processes without FSDP: torch's DDP (the trainer's), or "
+                        "dist_lm.train.grad_sync (no DDP module: the graph compiled in pieces of --bucket-cap-mb, "
+                        "each group of gradients all-reduced in place as one coalesced call; experimental)")
     p.add_argument("--comm-hook", choices=("mean", "mean-bf16", "none", "bf16"), default=None,
                    help="DDP gradient comm hook: mean (the trainer's parallel.mean_allreduce_hook; the default "
                         "for dist_lm with --ddp-defaults trainer), mean-bf16 (the same, bf16 on the wire), none "
@@ -190,11 +195,17 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     torch._dynamo.config.optimize_ddp = args.ddp_optimizer
     if after_ddp:
         run_cfg.train.compile = False  # compiled below, around the DDP wrapper
-    model = apply_parallelism(raw, run_cfg, fsdp=fsdp)
+    averager = None
+    if args.grad_sync == "coalesced" and fsdp is None and accelerator.num_processes > 1:
+        model, averager = _coalesced_data_parallel(args, accelerator, raw, run_cfg)
+    else:
+        model = apply_parallelism(raw, run_cfg, fsdp=fsdp)
     # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in train()).
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
     note = ""
-    if fsdp is None:
+    if averager is not None:  # no DDP module: Accelerate only wraps the optimizer
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+    elif fsdp is None:
         # Aligned only where DDP is given a bucket size (the trainer's settings or --bucket-cap-mb); with
         # Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
         explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
@@ -224,10 +235,14 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
         for _ in range(args.grad_accum):
             xb, yb = (_to_device(host_x, device), _to_device(host_y, device)) if args.h2d else (x, y)
             with accelerator.accumulate(model):
+                if averager is not None:
+                    averager.enabled = accelerator.sync_gradients  # all-reduce in this backward or not
                 loss = model(xb, yb)
                 accelerator.backward(loss)
                 step_loss += loss.detach()
                 if accelerator.sync_gradients:
+                    if averager is not None:
+                        averager.wait()
                     accelerator.unscale_gradients()
                     if not args.no_clip:
                         clip_grad_norm(model.parameters(), GRAD_CLIP)
@@ -235,7 +250,26 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
                     optimizer.zero_grad(set_to_none=True)
         return step_loss / args.grad_accum
 
-    return step, raw, how, {"note": note, "ddp_seen": _ddp_settings(model)}
+    extra = {"note": note, "ddp_seen": _ddp_settings(model)}
+    if averager is not None:
+        extra["grad_sync"] = {"kind": "coalesced", "bucket_mb": averager.bucket_bytes / 2**20}
+    return step, raw, how, extra
+
+
+def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: RunConfig):
+    """(model to call, GradientAverager): data parallelism without a DDP module (dist_lm.train.grad_sync): rank
+    0's weights everywhere, the graph compiled in pieces of the bucket size (compile mode cudagraphs: inductor
+    with CUDA graphs; model: without), gradients averaged group by group as the backward produces them."""
+    if run_cfg.train.compile and run_cfg.train.compile_mode == "blocks":
+        raise SystemExit("--grad-sync coalesced cuts the whole-model graph: use --compile-mode cudagraphs or model")
+    raw.to(accelerator.device)
+    broadcast_parameters(raw)
+    bucket_mb = args.bucket_cap_mb or run_cfg.train.ddp_bucket_mb
+    model = raw
+    if run_cfg.train.compile:
+        graphs = run_cfg.train.compile_mode == "cudagraphs" and accelerator.device.type == "cuda"
+        model = split_compile(raw, bucket_mb, mode="reduce-overhead" if graphs else "default")
+    return model, GradientAverager(raw.parameters(), bucket_mb=bucket_mb)
 
 
 def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):

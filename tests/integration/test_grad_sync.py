@@ -1,0 +1,68 @@
+"""dist_lm.train.grad_sync on gloo processes: after a synchronised backward every rank holds the mean over ranks of
+its accumulated gradients, computed where the backward left them (launched in groups as they arrive), with rank
+0's weights; the same through a graph compiled in pieces (split_compile), whose pieces are what lets the groups
+start before the backward ends."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import checkout_env, ok
+
+WORKER = Path(__file__).with_name("grad_sync_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+import grad_sync_worker  # noqa: E402
+
+
+def expected_mean(world: int) -> dict[str, torch.Tensor]:
+    """Rank 0's weights; each rank's two micro-steps accumulated; the mean over ranks. One process, no collectives."""
+    total: dict[str, torch.Tensor] = {}
+    for rank in range(world):
+        module = grad_sync_worker.model(seed=0)
+        for micro_step in range(2):
+            module(grad_sync_worker.batch(rank, micro_step)).square().sum().backward()
+        for name, p in module.named_parameters():
+            total[name] = total.get(name, 0) + p.grad / world
+    return total
+
+
+@pytest.mark.parametrize(("how", "processes"), [("eager", 2), ("eager", 3), ("split", 2)])
+def test_every_rank_ends_with_the_mean_of_the_accumulated_gradients(tmp_path, how, processes):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           str(WORKER), str(tmp_path), how]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**checkout_env(), "OMP_NUM_THREADS": "1"}))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == processes
+    reference = grad_sync_worker.model(seed=0)
+    for name, p in reference.named_parameters():  # rank 0's initial weights reached every rank
+        torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=0, atol=0)
+    want = expected_mean(processes)
+    assert result["grads"].keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(torch.tensor(result["grads"][name]), value, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    # ~1100-byte groups over 10 parameters (four 16x16 weights of 1024 bytes): more than one all-reduce, each
+    # started when its group was complete, every parameter in exactly one
+    assert len(result["launches"]) >= 3 and sum(result["launches"]) == 10, result["launches"]
+    if how == "split":
+        assert len(result["pieces"]) >= 3, result["pieces"]  # the compiled graph was cut, as under DDP
+
+
+def test_a_parameter_without_gradient_is_named_not_silently_left_local():
+    import torch.distributed as dist
+
+    from dist_lm.train.grad_sync import GradientAverager
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        used, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        averager = GradientAverager([*used.parameters(), *unused.parameters()])
+        averager.enabled = True
+        used(torch.randn(2, 4)).sum().backward()
+        with pytest.raises(RuntimeError, match="2 parameter\\(s\\) got no gradient"):
+            averager.wait()
+    finally:
+        dist.destroy_process_group()
