@@ -237,7 +237,10 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
             with accelerator.accumulate(model):
                 if averager is not None:
                     averager.enabled = accelerator.sync_gradients  # all-reduce in this backward or not
-                loss = model(xb, yb)
+                    with accelerator.autocast():  # what prepare(model) adds to the forward on the other paths
+                        loss = model(xb, yb)
+                else:
+                    loss = model(xb, yb)
                 accelerator.backward(loss)
                 step_loss += loss.detach()
                 if accelerator.sync_gradients:

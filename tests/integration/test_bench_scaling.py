@@ -55,3 +55,11 @@ def test_trainer_three_processes_equal_one_with_accumulation(tmp_path):
     # micro-batch moves the loss by orders of magnitude more.
     assert c["steps"] == 4 and c["max_abs_diff"] < 1e-5, c
     assert c["final_1gpu"] < c["first_1gpu"]
+
+
+def test_ddp_rows_without_ddp_module_use_the_coalesced_gradient_sync(tmp_path):
+    """--grad-sync coalesced: the 'ddp' row runs dist_lm.train.grad_sync instead of a DDP module (no ddp_seen)."""
+    (row,) = dry_run("dist_lm", tmp_path, "--topologies", "ddp", "--grad-sync", "coalesced")["rows"]
+    assert row["ddp_seen"] is None and row["num_gpus"] == 2 and row["tokens_per_s_per_gpu"] > 0
+    assert row["grad_sync"] == {"kind": "coalesced", "bucket_mb": 125.0}
+    assert "no DDP" in row["variant"]
