@@ -265,14 +265,22 @@ def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: R
     with CUDA graphs; model: without), gradients averaged group by group as the backward produces them."""
     if run_cfg.train.compile and run_cfg.train.compile_mode == "blocks":
         raise SystemExit("--grad-sync coalesced cuts the whole-model graph: use --compile-mode cudagraphs or model")
+    ddp_only = [flag for flag, on in (("--compile-after-ddp", args.compile_after_ddp),
+                                      ("--static-graph", args.static_graph),
+                                      ("--comm-hook", args.comm_hook in ("mean-bf16", "bf16")),
+                                      ("--ddp-optimizer", args.ddp_optimizer != "ddp_optimizer")) if on]
+    if ddp_only:
+        raise SystemExit(f"--grad-sync coalesced has no DDP module: {', '.join(ddp_only)} would be ignored")
     raw.to(accelerator.device)
     broadcast_parameters(raw)
-    bucket_mb = args.bucket_cap_mb or run_cfg.train.ddp_bucket_mb
-    model = raw
+    # the bucket size DDP would get: --bucket-cap-mb, else the trainer's, or PyTorch's 25 with Accelerate's defaults
+    bucket_mb = args.bucket_cap_mb or (25 if args.ddp_defaults == "accelerate" else run_cfg.train.ddp_bucket_mb)
+    model, pieces = raw, None
     if run_cfg.train.compile:
         graphs = run_cfg.train.compile_mode == "cudagraphs" and accelerator.device.type == "cuda"
-        model = split_compile(raw, bucket_mb, mode="reduce-overhead" if graphs else "default")
-    return model, GradientAverager(raw.parameters(), bucket_mb=bucket_mb)
+        compiled = split_compile(raw, bucket_mb, mode="reduce-overhead" if graphs else "default")
+        model, pieces = compiled.module, compiled.pieces
+    return model, GradientAverager(raw.parameters(), bucket_mb=bucket_mb, pieces=pieces)
 
 
 def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):

@@ -4,11 +4,14 @@ Why: torch's DDP reducer copies every gradient the backward produces into a flat
 it, because a compiled backward's outputs are never views of its buckets: 114 copies a step at the 124M shape,
 0.43 ms of copy kernels and 0.15 ms of gaps on an H200 (benchmarks/README.md, Scaling), a third of what DDP
 costs there over one GPU. `GradientAverager` all-reduces the gradients where the backward left them: a
-post-accumulate hook on every parameter collects the gradients as they arrive, and once `bucket_mb` of them
-are ready they go to NCCL as one coalesced call (one ncclGroupStart/End over the tensors, no flat copy) with
-the mean taken inside the reduction (ReduceOp.AVG); gloo has no AVG, so there each gradient is divided first.
+post-accumulate hook on every parameter marks its gradient ready, and when every gradient of a group is ready
+the group goes to the backend as one coalesced call (one ncclGroupStart/End over its tensors, no flat copy), the
+mean taken inside the reduction (ReduceOp.AVG; gloo has no AVG, so there the gradients are divided first).
 For the all-reduces to overlap the backward, the compiled graph must be cut into pieces whose backward ends
-early: `split_compile` cuts it as DDP's dynamo optimizer does, by parameter bytes, without a DDP module.
+early: `split_compile` cuts it as DDP's dynamo optimizer does, by parameter bytes, without a DDP module, and
+`SplitCompiled.pieces()` gives those pieces as the averager's groups, so that each group is all-reduced as soon
+as its piece's backward has produced it. Without pieces (an eager model) the groups are formed in the order the
+gradients arrive, closed at `bucket_mb`.
 
 Not yet used by the trainer: `benchmarks/bench_scaling.py --grad-sync coalesced` measures it against DDP
 first. What it does not do (DDP does): find unused parameters (every parameter must get a gradient in each
@@ -17,7 +20,9 @@ synchronised backward; `wait` says which did not), or broadcast the initial weig
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,10 +33,14 @@ class GradientAverager:
 
     Use: `averager.enabled = True` before the backward of a micro-step whose gradients are to be synchronised
     (the last of an accumulation), `averager.wait()` after it and before reading the gradients (clipping, the
-    optimizer); with enabled False the backward only accumulates locally."""
+    optimizer); with enabled False the backward only accumulates locally. `pieces` (called at the first
+    synchronised gradient, once the model has been compiled): the parameter groups to all-reduce together, the
+    same on every rank (e.g. SplitCompiled.pieces); None or an empty answer: groups of `bucket_mb` in order of
+    arrival."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None,
-                 bucket_mb: float = 125.0) -> None:
+                 bucket_mb: float = 125.0,
+                 pieces: Callable[[], list[list[torch.nn.Parameter]] | None] | None = None) -> None:
         self.params = [p for p in parameters if p.requires_grad]
         self.group = group
         self.world = dist.get_world_size(group)
@@ -39,11 +48,34 @@ class GradientAverager:
         self.nccl = "nccl" in str(dist.get_backend(group))
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.enabled = False
-        self._pending: list[torch.Tensor] = []
+        self.launched: list[int] = []  # tensors per coalesced call of the last synchronised backward (for tests)
+        self._pieces = pieces
+        self._group_of: dict[int, int] | None = None  # id(param) -> index into _groups, once the pieces are known
+        self._groups: list[list[torch.nn.Parameter]] = []
+        self._waiting: list[int] = []  # per group, gradients not ready yet
+        self._pending: list[torch.Tensor] = []  # arrival-order grouping (no pieces)
         self._pending_bytes = 0
         self._ready: set[int] = set()
         self._works: list = []
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params]
+
+    def _fixed_groups(self) -> bool:
+        """Whether gradients are grouped by pieces; builds the groups at the first call that has them."""
+        if self._group_of is None and self._pieces is not None:
+            mine = {id(p) for p in self.params}
+            groups = [[p for p in piece if id(p) in mine] for piece in (self._pieces() or [])]
+            groups = [g for g in groups if g]
+            covered = {id(p) for g in groups for p in g}
+            if groups and covered == mine and sum(map(len, groups)) == len(mine):
+                self._groups = groups
+                self._group_of = {id(p): i for i, g in enumerate(groups) for p in g}
+            else:
+                warnings.warn("the compiled pieces do not cover the parameters once each; grouping the gradients "
+                              "in the order they arrive instead", RuntimeWarning, stacklevel=2)
+                self._pieces = None
+        if self._group_of is not None and not self._waiting:
+            self._waiting = [len(g) for g in self._groups]
+        return self._group_of is not None
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         if not self.enabled:
@@ -51,36 +83,49 @@ class GradientAverager:
         if id(param) in self._ready:
             raise RuntimeError("a parameter received two gradients in one synchronised backward (a module used "
                                "twice, or a second backward before wait()): the all-reduce already started")
+        if not self._ready:  # the first gradient of this synchronised backward
+            self.launched = []
         self._ready.add(id(param))
+        if self._fixed_groups():
+            index = self._group_of[id(param)]
+            self._waiting[index] -= 1
+            if self._waiting[index] == 0:
+                self._all_reduce([p.grad for p in self._groups[index]])
+            return
         self._pending.append(param.grad)
         self._pending_bytes += param.grad.numel() * param.grad.element_size()
         if self._pending_bytes >= self.bucket_bytes:
-            self._launch()
+            self._all_reduce(self._pending)
+            self._pending, self._pending_bytes = [], 0
 
-    def _launch(self) -> None:
-        grads, self._pending, self._pending_bytes = self._pending, [], 0
+    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
+        """One coalesced all-reduce of `grads` to their mean, in place, started now (waited for in wait())."""
         if not grads:
             return
-        if self.nccl and grads[0].is_cuda:
-            with dist._coalescing_manager(group=self.group, async_ops=True) as coalesced:
-                for grad in grads:
-                    dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=self.group)
-            self._works.extend(coalesced.works)
-        else:
+        self.launched.append(len(grads))
+        average_inside = self.nccl and grads[0].is_cuda
+        if not average_inside:
             torch._foreach_div_(grads, self.world)
-            self._works.extend(dist.all_reduce(grad, group=self.group, async_op=True) for grad in grads)
+        op = dist.ReduceOp.AVG if average_inside else dist.ReduceOp.SUM
+        with dist._coalescing_manager(group=self.group, async_ops=True) as coalesced:
+            for grad in grads:
+                dist.all_reduce(grad, op=op, group=self.group)
+        self._works.extend(coalesced.works)
 
     def wait(self) -> None:
         """Start the all-reduce of the gradients still pending and wait (on the current stream) for all of them."""
-        missing = [i for i, p in enumerate(self.params) if id(p) not in self._ready]
-        if missing:
-            raise RuntimeError(f"{len(missing)} parameter(s) got no gradient in this synchronised backward (e.g. "
-                               f"index {missing[0]}); GradientAverager needs every parameter to take part")
-        self._launch()
-        for work in self._works:
-            work.wait()
-        self._works.clear()
-        self._ready.clear()
+        try:
+            missing = [i for i, p in enumerate(self.params) if id(p) not in self._ready]
+            if missing:
+                raise RuntimeError(f"{len(missing)} parameter(s) got no gradient in this synchronised backward "
+                                   f"(e.g. index {missing[0]}); GradientAverager needs every parameter to take part")
+            self._all_reduce(self._pending)
+            for work in self._works:
+                work.wait()
+        finally:  # a failed step leaves nothing behind for the next one
+            self._works.clear()
+            self._ready.clear()
+            self._pending, self._pending_bytes, self._waiting = [], 0, []
 
     def remove(self) -> None:
         """Take the hooks off the parameters."""
@@ -95,8 +140,46 @@ def broadcast_parameters(module: torch.nn.Module, group: dist.ProcessGroup | Non
             dist.broadcast(tensor, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
 
 
+class SplitCompiled:
+    """What `split_compile` returns: the compiled module (`.module`, called like the model) and the pieces its
+    graph was cut into (`.pieces()`, after the first call has compiled it)."""
+
+    def __init__(self, model: torch.nn.Module, module: torch.nn.Module, splitter) -> None:
+        self.model, self.module, self._splitter = model, module, splitter
+
+    def pieces(self) -> list[list[torch.nn.Parameter]] | None:
+        """The model's parameters grouped as the compiled pieces hold them (None before the first compile, or when
+        the splitter's names cannot be matched to the model's parameters one to one)."""
+        buckets = getattr(self._splitter, "buckets", None)
+        if not buckets:
+            return None
+        by_name: dict[str, torch.nn.Parameter] = {}
+        for name, param in self.model.named_parameters():
+            key = _normalized(name)
+            if key in by_name:
+                return None
+            by_name[key] = param
+        pieces = []
+        for bucket in buckets:
+            piece = [by_name.get(_normalized(name)) for name in bucket.params]
+            if any(p is None for p in piece):
+                return None
+            pieces.append(piece)
+        return pieces
+
+
+def _normalized(name: str) -> str:
+    """A parameter's name as both the model ("blocks.1.attn.q_proj.weight") and dynamo's graph
+    ("L_fn_modules_blocks_modules_1_modules_attn_modules_q_proj_parameters_weight_", with "self" for "fn" in other
+    versions, or "L__self___blocks_1_attn_q_proj_weight") spell it, reduced to the same letters and digits."""
+    tokens = [t for t in re.split(r"[^0-9A-Za-z]+", name) if t]
+    if tokens and tokens[0] == "L":  # dynamo's local-variable prefix, then the root module's variable name
+        tokens = tokens[2:]
+    return "".join(t.lower() for t in tokens if t not in ("modules", "parameters"))
+
+
 def split_compile(model: torch.nn.Module, bucket_mb: float, mode: str = "reduce-overhead",
-                  backend=None) -> torch.nn.Module:
+                  backend=None) -> SplitCompiled:
     """torch.compile with inductor (`mode`, "reduce-overhead": CUDA graphs), the graph cut into pieces of about
     `bucket_mb` of parameters in backward order, as dynamo cuts it for a DDP module (its DDPOptimizer), so that
     a piece's gradients are complete when its part of the backward ends instead of at the end of the whole
@@ -107,4 +190,5 @@ def split_compile(model: torch.nn.Module, bucket_mb: float, mode: str = "reduce-
 
     cap = int(bucket_mb * 2**20)
     piece_backend = backend if backend is not None else torch._TorchCompileInductorWrapper(mode, None, None)
-    return torch.compile(model, backend=DDPOptimizer(cap, piece_backend, first_bucket_cap=cap).compile_fn)
+    splitter = DDPOptimizer(cap, piece_backend, first_bucket_cap=cap)
+    return SplitCompiled(model, torch.compile(model, backend=splitter.compile_fn), splitter)

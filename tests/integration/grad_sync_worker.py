@@ -4,9 +4,10 @@ usage: torchrun --nproc_per_node N grad_sync_worker.py OUT_DIR {eager,split}
 
 Each rank starts from its own random weights (rank 0's are broadcast), then runs one optimizer step's worth of
 backward: two micro-steps on inputs that differ by rank and step, gradients synchronised on the second only.
-With "split" the model is compiled cut into pieces (dist_lm.train.grad_sync.split_compile, a backend that only
-counts the pieces, so that no C++ compiler is needed). Rank 0 writes the weights, the gradients, the number of
-pieces and of coalesced launches.
+With "split" the model is compiled cut into pieces (dist_lm.train.grad_sync.split_compile) with AOT autograd
+and no code generation (so that the backward runs piece by piece, as inductor's would, without a C++ compiler),
+and the averager groups the gradients by those pieces. Every rank writes its weights, gradients, the pieces and
+the sizes of the all-reduces it started, before and after the backward ended.
 """
 
 import json
@@ -16,8 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 from dist_lm.train.grad_sync import GradientAverager, broadcast_parameters, split_compile
+
+BUCKET_MB = 1100 / 2**20  # a 16x16 fp32 weight is 1024 bytes: about one Linear layer per piece
 
 
 def model(seed: int = 0) -> torch.nn.Module:
@@ -38,27 +43,23 @@ def main() -> None:
     rank = dist.get_rank()
     module = model(seed=rank)  # different on every rank until the broadcast
     broadcast_parameters(module)
-    pieces = []
-
-    def counting_backend(gm, example_inputs):
-        pieces.append(len(example_inputs))
-        return gm.forward
-
-    run = split_compile(module, bucket_mb=1100 / 2**20, backend=counting_backend) if how == "split" else module
-    # 1100 bytes: a 16x16 fp32 weight is 1024, so about one Linear layer per piece and per launch
-    averager = GradientAverager(module.parameters(), bucket_mb=1100 / 2**20)
-    launches = []
-    launch = averager._launch
-    averager._launch = lambda: (launches.append(len(averager._pending)), launch())[1]
+    run, pieces = module, None
+    if how == "split":
+        no_codegen = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+        compiled = split_compile(module, bucket_mb=BUCKET_MB, backend=no_codegen)
+        run, pieces = compiled.module, compiled.pieces
+    averager = GradientAverager(module.parameters(), bucket_mb=BUCKET_MB, pieces=pieces)
     for micro_step in range(2):
         averager.enabled = micro_step == 1
         run(batch(rank, micro_step)).square().sum().backward()
+    started_in_backward = list(averager.launched)
     averager.wait()
-    if rank == 0:
-        (out / "result.json").write_text(json.dumps({
-            "world": dist.get_world_size(), "pieces": pieces, "launches": [n for n in launches if n],
-            "weights": {n: p.tolist() for n, p in module.named_parameters()},
-            "grads": {n: p.grad.tolist() for n, p in module.named_parameters()}}))
+    names = {id(p): n for n, p in module.named_parameters()}
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "world": dist.get_world_size(), "launched": averager.launched, "started_in_backward": started_in_backward,
+        "pieces": [[names[id(p)] for p in piece] for piece in (pieces() if pieces else [])],
+        "weights": {n: p.tolist() for n, p in module.named_parameters()},
+        "grads": {n: p.grad.tolist() for n, p in module.named_parameters()}}))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

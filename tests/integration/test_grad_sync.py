@@ -34,21 +34,26 @@ def test_every_rank_ends_with_the_mean_of_the_accumulated_gradients(tmp_path, ho
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            str(WORKER), str(tmp_path), how]
     ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**checkout_env(), "OMP_NUM_THREADS": "1"}))
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["world"] == processes
-    reference = grad_sync_worker.model(seed=0)
-    for name, p in reference.named_parameters():  # rank 0's initial weights reached every rank
-        torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=0, atol=0)
     want = expected_mean(processes)
-    assert result["grads"].keys() == want.keys()
-    for name, value in want.items():
-        torch.testing.assert_close(torch.tensor(result["grads"][name]), value, rtol=1e-6, atol=1e-7,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-    # ~1100-byte groups over 10 parameters (four 16x16 weights of 1024 bytes): more than one all-reduce, each
-    # started when its group was complete, every parameter in exactly one
-    assert len(result["launches"]) >= 3 and sum(result["launches"]) == 10, result["launches"]
-    if how == "split":
-        assert len(result["pieces"]) >= 3, result["pieces"]  # the compiled graph was cut, as under DDP
+    reference = grad_sync_worker.model(seed=0)
+    for rank in range(processes):  # every rank, not only rank 0 (a reduce to rank 0 would pass there)
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["world"] == processes
+        for name, p in reference.named_parameters():  # rank 0's initial weights reached every rank
+            torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=0, atol=0)
+        assert result["grads"].keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(torch.tensor(result["grads"][name]), value, rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+        # more than one all-reduce, every parameter in exactly one
+        assert len(result["launched"]) >= 3 and sum(result["launched"]) == 10, result["launched"]
+        if how == "split":
+            pieces = result["pieces"]
+            assert len(pieces) >= 3, pieces  # the compiled graph was cut, as under DDP
+            assert sorted(n for piece in pieces for n in piece) == sorted(want)
+            # one all-reduce per piece, each started inside the backward, as soon as its piece's part ended
+            assert result["started_in_backward"] == result["launched"], result
+            assert sorted(result["launched"]) == sorted(len(p) for p in pieces), (result["launched"], pieces)
 
 
 def test_a_parameter_without_gradient_is_named_not_silently_left_local():
