@@ -222,6 +222,10 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     host_x, host_y = x.cpu(), y.cpu()
     lr = HYPER["lr"]
 
+    extra = {"note": note, "ddp_seen": _ddp_settings(model)}  # filled in further by the steps (grad_sync)
+    if averager is not None:
+        extra["grad_sync"] = {"kind": "coalesced", "bucket_mb": averager.bucket_bytes / 2**20}
+
     # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
     graphs = cuda_graphs(run_cfg, accelerator.device, fsdp)
 
@@ -246,6 +250,9 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
                 if accelerator.sync_gradients:
                     if averager is not None:
                         averager.wait()
+                        # the row says how the gradients went: one all-reduce per compiled piece, or in bytes
+                        extra["grad_sync"]["all_reduces_per_step"] = len(averager.launched)
+                        extra["grad_sync"]["by_piece"] = averager.grouped_by_pieces
                     accelerator.unscale_gradients()
                     if not args.no_clip:
                         clip_grad_norm(model.parameters(), GRAD_CLIP)
@@ -253,9 +260,6 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
                     optimizer.zero_grad(set_to_none=True)
         return step_loss / args.grad_accum
 
-    extra = {"note": note, "ddp_seen": _ddp_settings(model)}
-    if averager is not None:
-        extra["grad_sync"] = {"kind": "coalesced", "bucket_mb": averager.bucket_bytes / 2**20}
     return step, raw, how, extra
 
 

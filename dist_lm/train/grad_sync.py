@@ -59,6 +59,11 @@ class GradientAverager:
         self._works: list = []
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params]
 
+    @property
+    def grouped_by_pieces(self) -> bool:
+        """Whether the gradients go by compiled piece (else in bytes, in order of arrival)."""
+        return self._group_of is not None
+
     def _fixed_groups(self) -> bool:
         """Whether gradients are grouped by pieces; builds the groups at the first call that has them."""
         if self._group_of is None and self._pieces is not None:
