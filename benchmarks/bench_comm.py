@@ -36,6 +36,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -148,8 +149,6 @@ def _overlap_rows(world: int, device: torch.device, overlap_mb: float) -> list[d
 def _time_beside(start_async, chain, device: torch.device) -> float:
     """Seconds the chain takes when an asynchronous collective (start_async() -> work) starts just before it."""
     if device.type == "cpu":
-        import time
-
         t0 = time.perf_counter()
         work = start_async()
         chain()
@@ -169,8 +168,6 @@ def _time_beside(start_async, chain, device: torch.device) -> float:
 
 def _time(op, device: torch.device) -> float:
     if device.type == "cpu":
-        import time
-
         t0 = time.perf_counter()
         for _ in range(TIMED):
             op()

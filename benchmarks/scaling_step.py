@@ -41,6 +41,7 @@ for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICA
     os.environ[_key] = _value
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -226,6 +227,9 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     if averager is not None:
         extra["grad_sync"] = {"kind": "coalesced", "bucket_mb": averager.bucket_bytes / 2**20}
 
+    # Without a prepared model (grad_sync), the autocast that prepare(model) adds to the forward on the other paths.
+    forward_context = accelerator.autocast if averager is not None else contextlib.nullcontext
+
     # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
     graphs = cuda_graphs(run_cfg, accelerator.device, fsdp)
 
@@ -241,9 +245,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
             with accelerator.accumulate(model):
                 if averager is not None:
                     averager.enabled = accelerator.sync_gradients  # all-reduce in this backward or not
-                    with accelerator.autocast():  # what prepare(model) adds to the forward on the other paths
-                        loss = model(xb, yb)
-                else:
+                with forward_context():
                     loss = model(xb, yb)
                 accelerator.backward(loss)
                 step_loss += loss.detach()

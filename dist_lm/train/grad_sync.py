@@ -64,23 +64,20 @@ class GradientAverager:
         """Whether the gradients go by compiled piece (else in bytes, in order of arrival)."""
         return self._group_of is not None
 
-    def _fixed_groups(self) -> bool:
-        """Whether gradients are grouped by pieces; builds the groups at the first call that has them."""
-        if self._group_of is None and self._pieces is not None:
-            mine = {id(p) for p in self.params}
-            groups = [[p for p in piece if id(p) in mine] for piece in (self._pieces() or [])]
-            groups = [g for g in groups if g]
-            covered = {id(p) for g in groups for p in g}
-            if groups and covered == mine and sum(map(len, groups)) == len(mine):
-                self._groups = groups
-                self._group_of = {id(p): i for i, g in enumerate(groups) for p in g}
-            else:
-                warnings.warn("the compiled pieces do not cover the parameters once each; grouping the gradients "
-                              "in the order they arrive instead", RuntimeWarning, stacklevel=2)
-                self._pieces = None
-        if self._group_of is not None and not self._waiting:
-            self._waiting = [len(g) for g in self._groups]
-        return self._group_of is not None
+    def _resolve_pieces(self) -> None:
+        """Group by the compiled pieces from the first synchronised backward on (the model is compiled by then);
+        fall back to arrival order, for good, when they do not cover the parameters once each."""
+        if self._group_of is not None or self._pieces is None:
+            return
+        mine = {id(p) for p in self.params}
+        groups = [g for g in ([p for p in piece if id(p) in mine] for piece in (self._pieces() or [])) if g]
+        if groups and {id(p) for g in groups for p in g} == mine and sum(map(len, groups)) == len(mine):
+            self._groups = groups
+            self._group_of = {id(p): i for i, g in enumerate(groups) for p in g}
+        else:
+            warnings.warn("the compiled pieces do not cover the parameters once each; grouping the gradients "
+                          "in the order they arrive instead", RuntimeWarning, stacklevel=3)
+            self._pieces = None
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         if not self.enabled:
@@ -90,8 +87,10 @@ class GradientAverager:
                                "twice, or a second backward before wait()): the all-reduce already started")
         if not self._ready:  # the first gradient of this synchronised backward
             self.launched = []
+            self._resolve_pieces()
+            self._waiting = [len(g) for g in self._groups]
         self._ready.add(id(param))
-        if self._fixed_groups():
+        if self._group_of is not None:
             index = self._group_of[id(param)]
             self._waiting[index] -= 1
             if self._waiting[index] == 0:
@@ -130,7 +129,7 @@ class GradientAverager:
         finally:  # a failed step leaves nothing behind for the next one
             self._works.clear()
             self._ready.clear()
-            self._pending, self._pending_bytes, self._waiting = [], 0, []
+            self._pending, self._pending_bytes = [], 0
 
     def remove(self) -> None:
         """Take the hooks off the parameters."""
