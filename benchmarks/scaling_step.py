@@ -61,7 +61,7 @@ from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, wind
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
-from dist_lm.train.grad_sync import GradientAverager, broadcast_parameters, split_compile  # noqa: E402
+from dist_lm.train.grad_sync import replicate  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
 from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism  # noqa: E402
 from dist_lm.train.trainer import (  # noqa: E402
@@ -266,27 +266,17 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
 
 
 def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: RunConfig):
-    """(model to call, GradientAverager): data parallelism without a DDP module (dist_lm.train.grad_sync): rank
-    0's weights everywhere, the graph compiled in pieces of the bucket size (compile mode cudagraphs: inductor
-    with CUDA graphs; model: without), gradients averaged group by group as the backward produces them."""
-    if run_cfg.train.compile and run_cfg.train.compile_mode == "blocks":
-        raise SystemExit("--grad-sync coalesced cuts the whole-model graph: use --compile-mode cudagraphs or model")
+    """(model to call, GradientAverager): what the trainer builds with train.grad_sync=coalesced
+    (dist_lm.train.grad_sync.replicate), with the bucket size DDP would get here."""
     ddp_only = [flag for flag, on in (("--compile-after-ddp", args.compile_after_ddp),
                                       ("--static-graph", args.static_graph),
                                       ("--comm-hook", args.comm_hook in ("mean-bf16", "bf16")),
                                       ("--ddp-optimizer", args.ddp_optimizer != "ddp_optimizer")) if on]
     if ddp_only:
         raise SystemExit(f"--grad-sync coalesced has no DDP module: {', '.join(ddp_only)} would be ignored")
-    raw.to(accelerator.device)
-    broadcast_parameters(raw)
     # the bucket size DDP would get: --bucket-cap-mb, else the trainer's, or PyTorch's 25 with Accelerate's defaults
     bucket_mb = args.bucket_cap_mb or (25 if args.ddp_defaults == "accelerate" else run_cfg.train.ddp_bucket_mb)
-    model, pieces = raw, None
-    if run_cfg.train.compile:
-        graphs = run_cfg.train.compile_mode == "cudagraphs" and accelerator.device.type == "cuda"
-        compiled = split_compile(raw, bucket_mb, mode="reduce-overhead" if graphs else "default")
-        model, pieces = compiled.module, compiled.pieces
-    return model, GradientAverager(raw.parameters(), bucket_mb=bucket_mb, pieces=pieces)
+    return replicate(raw, run_cfg, accelerator.device, bucket_mb=bucket_mb)
 
 
 def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):

@@ -27,6 +27,7 @@ AttentionBackend = Literal["auto", "triton", "sdpa", "reference"]
 MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
 FSDPUnit = Literal["block", "group", "model"]
 CompileMode = Literal["model", "blocks", "cudagraphs"]
+GradSync = Literal["ddp", "coalesced"]
 
 
 @dataclass
@@ -161,6 +162,14 @@ class TrainConfig:
     (gradient_as_bucket_view): the all-reduced bucket is the gradient, with no copy back (DDP still copies each
     fresh gradient of the backward into its bucket: 0.43 ms a step at 124M on an H200). Measured at 100, 125 and
     one bucket for the whole model (124M), 33 and 600 at TinyStories: 125 is as fast as any."""
+    grad_sync: GradSync = "ddp"
+    """Under data parallelism (an accelerate config with several processes, not FSDP): how the gradients are
+    averaged over the processes. ddp: torch's DistributedDataParallel (train.ddp_bucket_mb buckets, the mean taken
+    inside the all-reduce). coalesced (experimental): no DDP module; the compiled graph is cut into pieces of
+    train.ddp_bucket_mb of parameters and each piece's gradients are all-reduced in place, where the backward left
+    them, as one coalesced call as soon as the piece's backward ends (dist_lm.train.grad_sync): none of DDP's copies
+    of every gradient into a bucket. Every parameter must get a gradient in every step (true of TransformerLM).
+    benchmarks/README.md, Scaling, compares the two."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20

@@ -13,9 +13,10 @@ early: `split_compile` cuts it as DDP's dynamo optimizer does, by parameter byte
 as its piece's backward has produced it. Without pieces (an eager model) the groups are formed in the order the
 gradients arrive, closed at `bucket_mb`.
 
-Not yet used by the trainer: `benchmarks/bench_scaling.py --grad-sync coalesced` measures it against DDP
-first. What it does not do (DDP does): find unused parameters (every parameter must get a gradient in each
-synchronised backward; `wait` says which did not), or broadcast the initial weights (`broadcast_parameters`).
+The trainer runs it with train.grad_sync=coalesced (experimental; `replicate` builds it the way it builds the
+other topologies), and `benchmarks/bench_scaling.py --grad-sync coalesced` measures it against DDP. What it does
+not do (DDP does): find unused parameters (every parameter must get a gradient in each synchronised backward;
+`wait` says which did not); `replicate` broadcasts rank 0's weights as DDP does when it wraps a module.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from dist_lm.config import RunConfig
+from dist_lm.train.parallel import apply_activation_checkpointing, apply_compile
 
 
 class GradientAverager:
@@ -196,3 +200,27 @@ def split_compile(model: torch.nn.Module, bucket_mb: float, mode: str = "reduce-
     piece_backend = backend if backend is not None else torch._TorchCompileInductorWrapper(mode, None, None)
     splitter = DDPOptimizer(cap, piece_backend, first_bucket_cap=cap)
     return SplitCompiled(model, torch.compile(model, backend=splitter.compile_fn), splitter)
+
+
+def replicate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, group: dist.ProcessGroup | None = None,
+              bucket_mb: float | None = None) -> tuple[torch.nn.Module, GradientAverager]:
+    """Data parallelism without a DDP module (train.grad_sync=coalesced), in apply_parallelism's order: activation
+    checkpointing, compile, then the replicas: `model` on `device` with rank 0's weights, compiled (when
+    cfg.train.compile) cut into pieces of `bucket_mb` (default train.ddp_bucket_mb) of parameters, as CUDA graphs
+    with compile mode cudagraphs on CUDA; compile mode "blocks" compiles each block in place, whose gradients are
+    then grouped in the order they arrive. Returns (the module to call, its GradientAverager). Every process of
+    `group` calls it, with the same model (the broadcast is a collective)."""
+    train = cfg.train
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    model.to(device)
+    broadcast_parameters(model, group)
+    bucket_mb = bucket_mb if bucket_mb is not None else train.ddp_bucket_mb
+    module, pieces = model, None
+    if train.compile and train.compile_mode == "blocks":
+        apply_compile(model, "blocks")
+    elif train.compile:
+        graphs = train.compile_mode == "cudagraphs" and device.type == "cuda"  # no CUDA graphs without CUDA
+        compiled = split_compile(model, bucket_mb, mode="reduce-overhead" if graphs else "default")
+        module, pieces = compiled.module, compiled.pieces
+    return module, GradientAverager(model.parameters(), group, bucket_mb=bucket_mb, pieces=pieces)

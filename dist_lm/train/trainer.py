@@ -2,7 +2,8 @@
 
 Design decisions:
 - One `train(cfg)` for every topology: 1 process, DDP over gloo or NCCL, FSDP; which one comes
-  from the accelerate config the run was launched with, never from this file.
+  from the accelerate config the run was launched with, never from this file. (train.grad_sync=coalesced
+  replaces the DDP module by dist_lm.train.grad_sync's in-place all-reduces, on the same launch.)
 - The whole step runs inside `accelerator.accumulate(model)`, so gradients are synchronised only
   on the last micro-step and the loss is scaled by the accumulation count there.
 - The learning rate is a pure function of the step (set on the param groups before each step),
@@ -14,6 +15,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +58,7 @@ from dist_lm.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dist_lm.train.grad_sync import replicate
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
 from dist_lm.train.parallel import (
     FSDPOptions,
@@ -123,12 +126,22 @@ def train(cfg: RunConfig) -> TrainResult:
 
     raw_model = model  # parameters by their plain names; FSDP2 shards it in place
     fsdp = _fsdp_options(accelerator, unit=t.fsdp_unit, group_blocks=t.fsdp_group_blocks)
-    model = apply_parallelism(model, cfg, fsdp=fsdp)
+    averager = None  # train.grad_sync=coalesced: data parallelism without a DDP module
+    if fsdp is None and world > 1 and t.grad_sync == "coalesced":
+        model, averager = replicate(model, cfg, accelerator.device)
+    else:
+        model = apply_parallelism(model, cfg, fsdp=fsdp)
     # The optimizer comes after sharding: under FSDP2 it must hold the sharded (DTensor) parameters.
     optimizer = AdamW(param_groups(raw_model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                       eps=cfg.optim.eps, fused=None if cfg.optim.fused else False)
     param_names = optimizer_param_names(optimizer, raw_model)
-    if fsdp is None:
+    # prepare(model) would wrap the model in DDP and its forward in the autocast; without a DDP module the
+    # forward runs under accelerator.autocast() instead (`amp`), and only the optimizer is prepared (registered
+    # with the fp16 gradient scaler, made a no-op on accumulation micro-steps).
+    amp = accelerator.autocast if averager is not None else contextlib.nullcontext
+    if averager is not None:
+        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    elif fsdp is None:
         model, optimizer = prepare_data_parallel(accelerator, model, optimizer,
                                                  align_bucket_mb=t.ddp_bucket_mb if t.compile else None)
     else:
@@ -160,7 +173,7 @@ def train(cfg: RunConfig) -> TrainResult:
     compiled = compiled_as(cfg, fsdp, accelerator.device)
     graphs = compiled == "cudagraphs"
     if fsdp is None:
-        topology = "DDP" if world > 1 else "1 process"
+        topology = "1 process" if world == 1 else "DDP" if averager is None else "data parallel, coalesced all-reduce"
     elif fsdp.unit == "group":
         topology = f"FSDP2, groups of {fsdp.group_blocks} blocks"
     else:
@@ -195,10 +208,15 @@ def train(cfg: RunConfig) -> TrainResult:
             for micro in range(t.grad_accum_steps):
                 x, y = (_to_device(part, accelerator.device) for part in batches.batch(step, micro))
                 with accelerator.accumulate(model):
-                    loss = model(x, y)
+                    if averager is not None:  # all-reduce in this micro-step's backward, or accumulate locally
+                        averager.enabled = accelerator.sync_gradients
+                    with amp():
+                        loss = model(x, y)
                     accelerator.backward(loss)
                     step_loss += loss.detach()
                     if accelerator.sync_gradients:
+                        if averager is not None:
+                            averager.wait()  # every rank's gradients now hold the mean
                         accelerator.unscale_gradients()
                         grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
                         optimizer.step()
@@ -206,6 +224,9 @@ def train(cfg: RunConfig) -> TrainResult:
             pending_loss.append(step_loss / t.grad_accum_steps)
             done = step + 1
             bar.update(1)
+            if averager is not None and done == start_step + 1:  # how the gradients went (the same every step)
+                say(f"gradient sync: {len(averager.launched)} coalesced all-reduce(s) per step, "
+                    + ("one per compiled piece" if averager.grouped_by_pieces else "in order of arrival"))
             # CUDA graphs are recorded on the second step (the first warms up), so that one counts as start-up too.
             if t.compile and done == min(start_step + (2 if graphs else 1), t.max_steps):
                 if accelerator.device.type == "cuda":
@@ -247,7 +268,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     f"{speed['tokens_per_s']:,.0f} tok/s{mfu}")
 
             if done % t.eval_interval == 0 or done == t.max_steps:
-                val = evaluate(model, eval_batches, accelerator, cuda_graphs=graphs)
+                val = evaluate(model, eval_batches, accelerator, cuda_graphs=graphs, amp=averager is not None)
                 result.val_losses[done] = val
                 tracker.log_metrics({"val/loss": val}, step=done)
                 if is_main:
@@ -319,14 +340,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: EvalBatches, accelerator: Accelerator, *,
-             cuda_graphs: bool = False) -> float:
-    """Mean validation loss over the fixed eval windows of all ranks."""
+             cuda_graphs: bool = False, amp: bool = False) -> float:
+    """Mean validation loss over the fixed eval windows of all ranks; `amp`: the forward under
+    accelerator.autocast() (a model that prepare() did not wrap)."""
     model.eval()
     total = torch.zeros((), device=accelerator.device)
     for x, y in batches:
         if cuda_graphs:  # each batch's loss is added up before the next replay overwrites it
             torch.compiler.cudagraph_mark_step_begin()
-        total += model(x.to(accelerator.device), y.to(accelerator.device)).float()
+        with accelerator.autocast() if amp else contextlib.nullcontext():
+            total += model(x.to(accelerator.device), y.to(accelerator.device)).float()
     model.train()
     return float(accelerator.reduce(total / batches.num_batches, reduction="mean"))
 

@@ -75,3 +75,9 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     """Training loss of every step, from the run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    """Validation loss of every evaluation, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}

@@ -1,10 +1,12 @@
 """Whole runs through `accelerate launch`: the demo path, DDP over gloo, accumulation, exact resume."""
 
 import math
+import re
 import shutil
 import sqlite3
 
-from conftest import ROOT, checkout_env, launch, ok, step_losses, tiny_run
+import pytest
+from conftest import ROOT, checkout_env, launch, ok, step_losses, tiny_run, val_losses
 
 
 def test_demo_path_end_to_end_with_mlflow_and_generation(tmp_path, sample_shards):
@@ -56,21 +58,33 @@ def test_two_process_ddp_matches_one_process(tmp_path, sample_shards):
     assert a[6] < a[1] - 0.2  # and it learns
 
 
-def test_compiled_two_process_ddp_with_accumulation_matches_one_process(tmp_path, sample_shards):
-    """train.compile through the trainer's DDP path (the trainer's bucket settings, dynamo under DDP, accumulation
-    under no_sync): 2 processes x 2 micro-batches of 2 == 1 process x 8, and the start line names the compile."""
+@pytest.mark.parametrize("grad_sync, topology", [("ddp", "DDP"), ("coalesced", "data parallel, coalesced all-reduce")])
+def test_compiled_two_process_data_parallel_with_accumulation_matches_one_process(tmp_path, sample_shards,
+                                                                                  grad_sync, topology):
+    """train.compile through the trainer's data-parallel paths (ddp: the trainer's bucket settings, dynamo under DDP,
+    accumulation under no_sync; coalesced: no DDP module, the graph cut into pieces, gradients all-reduced in place
+    on the last micro-step only): 2 processes x 2 micro-batches of 2 == 1 process x 8, validation losses too, and
+    the start line names the topology and the compile."""
     one = tmp_path / "one"
     two = tmp_path / "two"
     compiled = ("train.compile=true", "train.compile_mode=cudagraphs")  # without CUDA: one inductor graph
     out = ok(launch(tiny_run(one, sample_shards, "train.batch_size=8", *compiled), cwd=tmp_path)).stdout
     assert "(1 process, compiled (model))" in out, out[-2000:]
-    out = ok(launch(tiny_run(two, sample_shards, "train.batch_size=2", "train.grad_accum_steps=2", *compiled),
+    # 1 MiB buckets: the model's 2.6 MB of fp32 gradients (embedding and head 1.3 MB each) go in several pieces;
+    # 4 eval batches of 2 per process: the same 16 validation windows as 2 batches of 8 in one process
+    out = ok(launch(tiny_run(two, sample_shards, "train.batch_size=2", "train.grad_accum_steps=2", *compiled,
+                             f"train.grad_sync={grad_sync}", "train.ddp_bucket_mb=1", "train.eval_batches=4"),
                     accelerate_config="cpu_ddp.yaml", cwd=tmp_path)).stdout
-    assert "(DDP, compiled (model))" in out, out[-2000:]
+    assert f"({topology}, compiled (model))" in out, out[-2000:]
+    if grad_sync == "coalesced":  # by the compiled pieces, more than one
+        sync = re.search(r"gradient sync: (\d+) coalesced all-reduce\(s\) per step, one per compiled piece", out)
+        assert sync and int(sync.group(1)) > 1, out[-2000:]
     a, b = step_losses(one), step_losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
     assert a[6] < a[1] - 0.2
+    va, vb = val_losses(one), val_losses(two)
+    assert sorted(va) == sorted(vb) == [3, 6] and max(abs(va[s] - vb[s]) for s in va) < 1e-4, (va, vb)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, sample_shards):
