@@ -166,6 +166,10 @@ def _worker_common(args: argparse.Namespace) -> list[str]:
         out += ["--comm-hook", args.comm_hook]
     if args.grad_sync != "ddp":
         out += ["--grad-sync", args.grad_sync]
+    if args.dense_embedding:
+        out.append("--dense-embedding")
+    if args.tokens_dir is not None:
+        out += ["--tokens", str(args.tokens_dir)]
     if args.trace_dir:  # one folder per --tag, so a variant's traces never replace the default run's
         out += ["--trace-dir", str(Path(args.trace_dir).resolve() / (args.tag or "default"))]
     out += ["--fsdp-unit", args.fsdp_unit, "--fsdp-group-blocks", str(args.fsdp_group_blocks)]
@@ -198,7 +202,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         if args.static_graph:
             parts.append("static graph")
         if system == "dist_lm" and args.grad_sync == "coalesced":
-            parts.append("no DDP: coalesced all-reduce where the backward leaves the gradients")
+            parts.append("no DDP: coalesced all-reduce where the backward leaves the gradients"
+                         + (", whole embedding gradient" if args.dense_embedding else ""))
         if args.no_broadcast_buffers and (trainer is None or trainer.broadcast_buffers):
             parts.append("no buffer broadcast")
         hook_by_default = "mean" if trainer is not None else "none"
@@ -221,6 +226,8 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         parts.append("regional compile")
     if args.h2d and system == "dist_lm":
         parts.append("h2d copies")
+    if args.tokens == "sample":
+        parts.append("tokens of the bundled sample")
     if args.no_clip:
         parts.append("no clip")
     parts += [f"{k}={v}" for k, v in args.child_env]
@@ -292,6 +299,8 @@ def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
             run_dir = results / "parity" / (f"single_accum{accum}" if topology == "single" else f"{topology}_x{n}")
             script_args = [*common, f"train.grad_accum_steps={accum}", f"run_dir={run_dir}",
                            f"name=parity_{run_dir.name}"]
+            if topology == "ddp":
+                script_args.append(f"train.grad_sync={args.grad_sync}")
             runs.append(Run(f"trainer {topology} x{n} accum {accum}", topology, n, script_args,
                             script=ROOT / "launch" / "train.py",
                             info={"run_dir": str(run_dir), "topology": topology, "num_gpus": n, "grad_accum": accum,
@@ -495,6 +504,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-sync", choices=("ddp", "coalesced"), default="ddp",
                    help="dist_lm's 'ddp' rows: torch's DDP (the trainer's), or dist_lm.train.grad_sync (no DDP "
                         "module, gradients all-reduced where the backward leaves them; experimental)")
+    p.add_argument("--dense-embedding", action="store_true",
+                   help="with --grad-sync coalesced: all-reduce the whole embedding gradient, not the rows seen")
+    p.add_argument("--tokens", choices=("random", "sample"), default="random",
+                   help="benchmark rows' token ids: uniform random (the compute does not depend on them; the most "
+                        "embedding rows for --grad-sync coalesced to all-reduce) or windows of the bundled "
+                        "TinyStories sample (tokenized once into the results dir with the shipped 10k tokenizer)")
     p.add_argument("--trace-dir", default="",
                    help="with --profile: every rank writes a Chrome trace (.json.gz) of its profiled steps in "
                         "DIR/<--tag or 'default'>/ (benchmarks/trace_diff.py compares two)")
@@ -521,6 +536,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps and --warmup must be >= 1 (the first step compiles)")
     if args.trace_dir and not args.profile:
         p.error("--trace-dir writes the traces of the profiled steps: add --profile")
+    if args.dense_embedding and args.grad_sync != "coalesced":
+        p.error("--dense-embedding is a setting of --grad-sync coalesced")
+    args.tokens_dir = None  # set by main() for --tokens sample
     return args
 
 
@@ -562,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = execute(runs, args, results)
         data = {"meta": meta, "rows": rows, "comparisons": compare_losses(rows)}
     else:
+        if args.tokens == "sample":  # tokenized once, read by every run of this part
+            args.tokens_dir = sample_tokens(results / "tokens" / "tinystories-sample")
         rows = execute(plan_benchmark(args.part, args), args, results)
         data = {"meta": meta, "rows": rows}
     meta["wall_s"] = time.perf_counter() - t0
@@ -573,6 +593,15 @@ def main(argv: list[str] | None = None) -> None:
     print_table(parts)
     if any("error" in r for r in data["rows"]):
         sys.exit(1)
+
+
+def sample_tokens(out: Path) -> Path:
+    """The bundled TinyStories sample as token shards (the shipped 10k tokenizer), made once in `out`."""
+    if not (out / "manifest.json").exists():
+        from dist_lm.data import prepare_shards
+
+        prepare_shards("bundled:tinystories", ROOT / "tokenizers" / "tinystories-10k", out, log=lambda *_: None)
+    return out
 
 
 def _gpus() -> tuple[int, str]:

@@ -74,7 +74,8 @@ from dist_lm.train.trainer import (  # noqa: E402
 )
 
 ROW_PREFIX = "SCALING_ROW "
-DRY_RUN_SHAPE = (dict(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=256, seq_len=32), 2)
+# vocabulary of the shipped 10k tokenizer, so that a dry run can read the bundled sample's tokens (--tokens DIR)
+DRY_RUN_SHAPE = (dict(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=10000, seq_len=32), 2)
 GRAD_CLIP = 1.0  # the trainer's default optim.grad_clip
 
 
@@ -110,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dist_lm on several processes without FSDP: torch's DDP (the trainer's), or "
                         "dist_lm.train.grad_sync (no DDP module: the graph compiled in pieces of --bucket-cap-mb, "
                         "each group of gradients all-reduced in place as one coalesced call; experimental)")
+    p.add_argument("--dense-embedding", action="store_true",
+                   help="--grad-sync coalesced: all-reduce the whole embedding gradient, not only the rows of the "
+                        "tokens seen (replicate(sparse_embedding=False))")
+    p.add_argument("--tokens", default="random",
+                   help="random: uniform ids (the work does not depend on them; the worst case for the coalesced "
+                        "sync's embedding rows), or a token-shard directory (dist_lm.data.prepare_shards) whose "
+                        "train split gives each rank its own windows of real text")
     p.add_argument("--comm-hook", choices=("mean", "mean-bf16", "none", "bf16"), default=None,
                    help="DDP gradient comm hook: mean (the trainer's parallel.mean_allreduce_hook; the default "
                         "for dist_lm with --ddp-defaults trainer), mean-bf16 (the same, bf16 on the wire), none "
@@ -142,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.trace_dir and not args.profile:
         p.error("--trace-dir writes the traces of the profiled steps: add --profile")
+    if args.dense_embedding and args.grad_sync != "coalesced":
+        p.error("--dense-embedding is a setting of --grad-sync coalesced")
     if not args.dry_run and args.shape not in SHAPES:
         p.error(f"--shape {args.shape!r} is unknown; choose from {list(SHAPES)}")
     if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1 or args.batch < 0:
@@ -151,6 +161,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.comm_hook is None:
         args.comm_hook = "mean" if args.system == "dist_lm" and args.ddp_defaults == "trainer" else "none"
     return args
+
+
+def batch_tokens(source: str, batch: int, cfg: ModelConfig, rank: int, seed: int) -> torch.Tensor:
+    """(batch, seq_len + 1) token ids of this rank, different on every rank: uniform random ids (seed + rank), or
+    `batch` consecutive windows of a token-shard directory's train split, rank r's starting at window r * batch
+    (wrapping around a small split)."""
+    if source == "random":
+        gen = torch.Generator().manual_seed(seed + rank)
+        return torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=gen)
+    import numpy as np
+
+    from dist_lm.data import ShardedTokens
+
+    tokens = ShardedTokens.open(source, "train")
+    windows = (len(tokens) - 1) // cfg.seq_len
+    if windows < 1:
+        raise SystemExit(f"--tokens {source}: fewer train tokens than one window of {cfg.seq_len + 1}")
+    ids = (np.arange(batch) + rank * batch) % windows
+    data = torch.from_numpy(tokens.read_rows(ids * cfg.seq_len, cfg.seq_len + 1)).long()
+    if int(data.max()) >= cfg.vocab_size:
+        raise SystemExit(f"--tokens {source}: token id {int(data.max())} is outside the shape's vocabulary of "
+                         f"{cfg.vocab_size}")
+    return data
 
 
 def make_accelerator(args: argparse.Namespace):
@@ -245,6 +278,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
             with accelerator.accumulate(model):
                 if averager is not None:
                     averager.enabled = accelerator.sync_gradients  # all-reduce in this backward or not
+                    averager.note_tokens(host_x)  # the embedding rows to all-reduce (as the trainer)
                 with forward_context():
                     loss = model(xb, yb)
                 accelerator.backward(loss)
@@ -255,6 +289,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
                         # the row says how the gradients went: one all-reduce per compiled piece, or in bytes
                         extra["grad_sync"]["all_reduces_per_step"] = len(averager.launched)
                         extra["grad_sync"]["by_piece"] = averager.grouped_by_pieces
+                        extra["grad_sync"]["embedding_rows"] = averager.embedding_rows
                     accelerator.unscale_gradients()
                     if not args.no_clip:
                         clip_grad_norm(model.parameters(), GRAD_CLIP)
@@ -276,7 +311,7 @@ def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: R
         raise SystemExit(f"--grad-sync coalesced has no DDP module: {', '.join(ddp_only)} would be ignored")
     # the bucket size DDP would get: --bucket-cap-mb, else the trainer's, or PyTorch's 25 with Accelerate's defaults
     bucket_mb = args.bucket_cap_mb or (25 if args.ddp_defaults == "accelerate" else run_cfg.train.ddp_bucket_mb)
-    return replicate(raw, run_cfg, accelerator.device, bucket_mb=bucket_mb)
+    return replicate(raw, run_cfg, accelerator.device, bucket_mb=bucket_mb, sparse_embedding=not args.dense_embedding)
 
 
 def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
@@ -450,9 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # Tokens differ per rank (seed + rank); the model init is the same everywhere (set_seed(seed) after).
-    gen = torch.Generator().manual_seed(args.seed + accelerator.process_index)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=gen).to(device)
+    tokens = batch_tokens(args.tokens, batch, cfg, accelerator.process_index, args.seed).to(device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     set_seed(args.seed)
     if args.system == "dist_lm":
@@ -506,3 +539,9 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # The row is printed and the process group destroyed (end_training): skip the interpreter's C++ teardown, where
+    # gloo's threads now and then abort a finished CPU dry run ("terminate called without an active exception",
+    # exit -6 after the row), as the gloo test workers do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -40,11 +40,20 @@ class GradientAverager:
     optimizer); with enabled False the backward only accumulates locally. `pieces` (called at the first
     synchronised gradient, once the model has been compiled): the parameter groups to all-reduce together, the
     same on every rank (e.g. SplitCompiled.pieces); None or an empty answer: groups of `bucket_mb` in order of
-    arrival."""
+    arrival.
+
+    `token_embedding`: the weight of an embedding looked up by the token ids and used nowhere else. Its gradient
+    is zero outside the rows of the tokens seen, so only the rows some rank saw since the last synchronisation are
+    all-reduced (gathered into one compact tensor and scattered back), which makes the all-reduce that the end of
+    the backward waits for (the embedding's gradient is the last one produced) several times smaller on text. It
+    needs every micro-step's token ids, on the host, through `note_tokens` on every rank; the ranks agree on the
+    rows over `host_group` (a gloo group: a mask of one byte per row, reduced on the CPU while the GPU runs)."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None,
                  bucket_mb: float = 125.0,
-                 pieces: Callable[[], list[list[torch.nn.Parameter]] | None] | None = None) -> None:
+                 pieces: Callable[[], list[list[torch.nn.Parameter]] | None] | None = None,
+                 token_embedding: torch.nn.Parameter | None = None,
+                 host_group: dist.ProcessGroup | None = None) -> None:
         self.params = [p for p in parameters if p.requires_grad]
         self.group = group
         self.world = dist.get_world_size(group)
@@ -53,20 +62,36 @@ class GradientAverager:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.enabled = False
         self.launched: list[int] = []  # tensors per coalesced call of the last synchronised backward (for tests)
+        self.embedding_rows: int | None = None  # embedding rows all-reduced last time (None: the whole gradient)
         self._pieces = pieces
         self._group_of: dict[int, int] | None = None  # id(param) -> index into _groups, once the pieces are known
         self._groups: list[list[torch.nn.Parameter]] = []
         self._waiting: list[int] = []  # per group, gradients not ready yet
-        self._pending: list[torch.Tensor] = []  # arrival-order grouping (no pieces)
+        self._pending: list[torch.nn.Parameter] = []  # arrival-order grouping (no pieces)
         self._pending_bytes = 0
         self._ready: set[int] = set()
         self._works: list = []
+        self._embedding = token_embedding
+        self._host_group = host_group if host_group is not None else group
+        self._seen: torch.Tensor | None = None  # host mask of the embedding rows looked up since the last sync
+        self._scatter: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (gradient, rows, compact)
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params]
 
     @property
     def grouped_by_pieces(self) -> bool:
         """Whether the gradients go by compiled piece (else in bytes, in order of arrival)."""
         return self._group_of is not None
+
+    def note_tokens(self, token_ids: torch.Tensor) -> None:
+        """Record the token ids of a micro-step (a host tensor: reading a device one would wait for the GPU)."""
+        if self._embedding is None:
+            return
+        if token_ids.device.type != "cpu":
+            raise ValueError("note_tokens takes the token ids on the host (reading them from the device would make "
+                             "the host wait for the GPU); pass the batch before it is copied to the device")
+        if self._seen is None:
+            self._seen = torch.zeros(self._embedding.shape[0], dtype=torch.uint8)
+        self._seen[token_ids.reshape(-1)] = 1
 
     def _resolve_pieces(self) -> None:
         """Group by the compiled pieces from the first synchronised backward on (the model is compiled by then);
@@ -98,18 +123,38 @@ class GradientAverager:
             index = self._group_of[id(param)]
             self._waiting[index] -= 1
             if self._waiting[index] == 0:
-                self._all_reduce([p.grad for p in self._groups[index]])
+                self._all_reduce(self._groups[index])
             return
-        self._pending.append(param.grad)
+        self._pending.append(param)
         self._pending_bytes += param.grad.numel() * param.grad.element_size()
         if self._pending_bytes >= self.bucket_bytes:
             self._all_reduce(self._pending)
             self._pending, self._pending_bytes = [], 0
 
-    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
-        """One coalesced all-reduce of `grads` to their mean, in place, started now (waited for in wait())."""
-        if not grads:
+    def _embedding_rows(self, device: torch.device) -> torch.Tensor:
+        """The embedding rows any rank looked up since the last synchronisation, on `device` (agreed over the host
+        group: the masks' maximum)."""
+        dist.all_reduce(self._seen, op=dist.ReduceOp.MAX, group=self._host_group)
+        rows = self._seen.nonzero().flatten()
+        self.embedding_rows = len(rows)
+        if device.type == "cuda":  # pinned, so that the copy does not make the host wait
+            return rows.pin_memory().to(device, non_blocking=True)
+        return rows.to(device)
+
+    def _all_reduce(self, params: list[torch.nn.Parameter]) -> None:
+        """One coalesced all-reduce of the gradients of `params` to their mean, in place, started now (waited for in
+        wait()); the token embedding's gradient as its looked-up rows only."""
+        if not params:
             return
+        grads = []
+        for param in params:
+            if param is self._embedding and self._seen is not None:
+                rows = self._embedding_rows(param.grad.device)
+                compact = param.grad.index_select(0, rows)
+                self._scatter.append((param.grad, rows, compact))
+                grads.append(compact)
+            else:
+                grads.append(param.grad)
         self.launched.append(len(grads))
         average_inside = self.nccl and grads[0].is_cuda
         if not average_inside:
@@ -130,10 +175,14 @@ class GradientAverager:
             self._all_reduce(self._pending)
             for work in self._works:
                 work.wait()
+            for grad, rows, compact in self._scatter:  # the averaged rows back; the others are zero on every rank
+                grad.index_copy_(0, rows, compact)
         finally:  # a failed step leaves nothing behind for the next one
             self._works.clear()
+            self._scatter.clear()
             self._ready.clear()
             self._pending, self._pending_bytes = [], 0
+            self._seen = None
 
     def remove(self) -> None:
         """Take the hooks off the parameters."""
@@ -203,13 +252,17 @@ def split_compile(model: torch.nn.Module, bucket_mb: float, mode: str = "reduce-
 
 
 def replicate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, group: dist.ProcessGroup | None = None,
-              bucket_mb: float | None = None) -> tuple[torch.nn.Module, GradientAverager]:
+              bucket_mb: float | None = None,
+              sparse_embedding: bool = True) -> tuple[torch.nn.Module, GradientAverager]:
     """Data parallelism without a DDP module (train.grad_sync=coalesced), in apply_parallelism's order: activation
     checkpointing, compile, then the replicas: `model` on `device` with rank 0's weights, compiled (when
     cfg.train.compile) cut into pieces of `bucket_mb` (default train.ddp_bucket_mb) of parameters, as CUDA graphs
     with compile mode cudagraphs on CUDA; compile mode "blocks" compiles each block in place, whose gradients are
-    then grouped in the order they arrive. Returns (the module to call, its GradientAverager). Every process of
-    `group` calls it, with the same model (the broadcast is a collective)."""
+    then grouped in the order they arrive. With `sparse_embedding`, the gradient of the model's `embed_tokens`
+    (when it is an nn.Embedding whose weight nothing else shares) is all-reduced as the rows of the tokens seen
+    (GradientAverager's token_embedding; the caller passes every micro-step's host token ids to `note_tokens`).
+    Returns (the module to call, its GradientAverager). Every process of `group` calls it, with the same model
+    (the broadcast and the host group's creation are collectives)."""
     train = cfg.train
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -223,4 +276,22 @@ def replicate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, grou
         graphs = train.compile_mode == "cudagraphs" and device.type == "cuda"  # no CUDA graphs without CUDA
         compiled = split_compile(model, bucket_mb, mode="reduce-overhead" if graphs else "default")
         module, pieces = compiled.module, compiled.pieces
-    return module, GradientAverager(model.parameters(), group, bucket_mb=bucket_mb, pieces=pieces)
+    embedding = _untied_token_embedding(model) if sparse_embedding else None
+    host_group = None
+    if embedding is not None and "gloo" not in str(dist.get_backend(group)):
+        # the row masks are reduced on the CPU, beside the GPU's NCCL group
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        host_group = dist.new_group(ranks=ranks, backend="gloo")
+    averager = GradientAverager(model.parameters(), group, bucket_mb=bucket_mb, pieces=pieces,
+                                token_embedding=embedding, host_group=host_group)
+    return module, averager
+
+
+def _untied_token_embedding(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """`model.embed_tokens`'s weight when it is an nn.Embedding's that no other module shares (a tied LM head's
+    gradient would be dense), else None."""
+    embed = getattr(model, "embed_tokens", None)
+    if not isinstance(embed, torch.nn.Embedding):
+        return None
+    uses = sum(p is embed.weight for _, p in model.named_parameters(remove_duplicate=False))
+    return embed.weight if uses == 1 else None

@@ -206,10 +206,12 @@ def train(cfg: RunConfig) -> TrainResult:
                 torch.compiler.cudagraph_mark_step_begin()
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum_steps):
-                x, y = (_to_device(part, accelerator.device) for part in batches.batch(step, micro))
+                host_x, host_y = batches.batch(step, micro)
+                x, y = _to_device(host_x, accelerator.device), _to_device(host_y, accelerator.device)
                 with accelerator.accumulate(model):
                     if averager is not None:  # all-reduce in this micro-step's backward, or accumulate locally
                         averager.enabled = accelerator.sync_gradients
+                        averager.note_tokens(host_x)  # the embedding rows to all-reduce
                     with amp():
                         loss = model(x, y)
                     accelerator.backward(loss)
@@ -225,8 +227,11 @@ def train(cfg: RunConfig) -> TrainResult:
             done = step + 1
             bar.update(1)
             if averager is not None and done == start_step + 1:  # how the gradients went (the same every step)
+                rows = averager.embedding_rows
                 say(f"gradient sync: {len(averager.launched)} coalesced all-reduce(s) per step, "
-                    + ("one per compiled piece" if averager.grouped_by_pieces else "in order of arrival"))
+                    + ("one per compiled piece" if averager.grouped_by_pieces else "in order of arrival")
+                    + (f"; embedding gradient as the {rows:,} rows seen (of {cfg.model.vocab_size:,})"
+                       if rows is not None else ""))
             # CUDA graphs are recorded on the second step (the first warms up), so that one counts as start-up too.
             if t.compile and done == min(start_step + (2 if graphs else 1), t.max_steps):
                 if accelerator.device.type == "cuda":

@@ -1,9 +1,10 @@
 """One rank of the gradient-averager test (tests/integration/test_grad_sync.py), started by torchrun over gloo.
 
-usage: torchrun --nproc_per_node N grad_sync_worker.py OUT_DIR {eager,split}
+usage: torchrun --nproc_per_node N grad_sync_worker.py OUT_DIR {eager,split} [sparse]
 
 Each rank starts from its own random weights (rank 0's are broadcast), then runs one optimizer step's worth of
-backward: two micro-steps on inputs that differ by rank and step, gradients synchronised on the second only.
+backward: two micro-steps on token ids that differ by rank and step, gradients synchronised on the second only.
+With "sparse" the embedding's gradient is all-reduced as the rows looked up (the averager's token_embedding).
 With "split" the model is compiled cut into pieces (dist_lm.train.grad_sync.split_compile) with AOT autograd
 and no code generation (so that the backward runs piece by piece, as inductor's would, without a C++ compiler),
 and the averager groups the gradients by those pieces. Every rank writes its weights, gradients, the pieces and
@@ -23,22 +24,36 @@ from torch._dynamo.backends.common import aot_autograd
 from dist_lm.train.grad_sync import GradientAverager, broadcast_parameters, split_compile
 
 BUCKET_MB = 1100 / 2**20  # a 16x16 fp32 weight is 1024 bytes: about one Linear layer per piece
+VOCAB = 64  # embedding rows; the batches use only the first half, so some rows get no gradient anywhere
+
+
+class TinyLM(torch.nn.Module):
+    """Token ids -> embedding (rows looked up, mean over positions) -> 4 tanh layers -> 3 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(VOCAB, 16)
+        layers = []
+        for _ in range(4):
+            layers += [torch.nn.Linear(16, 16), torch.nn.Tanh()]
+        self.layers = torch.nn.Sequential(*layers, torch.nn.Linear(16, 3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.embed_tokens(ids).mean(dim=1))
 
 
 def model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    layers = []
-    for _ in range(4):
-        layers += [torch.nn.Linear(16, 16), torch.nn.Tanh()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(16, 3))
+    return TinyLM()
 
 
 def batch(rank: int, micro_step: int) -> torch.Tensor:
-    return torch.randn(5, 16, generator=torch.Generator().manual_seed(100 * micro_step + rank))
+    """Token ids (5 sequences of 3), different per rank and micro-step."""
+    return torch.randint(0, VOCAB // 2, (5, 3), generator=torch.Generator().manual_seed(100 * micro_step + rank))
 
 
 def main() -> None:
-    out, how = Path(sys.argv[1]), sys.argv[2]
+    out, how, sparse = Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["sparse"]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     module = model(seed=rank)  # different on every rank until the broadcast
@@ -48,15 +63,19 @@ def main() -> None:
         no_codegen = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward))
         compiled = split_compile(module, bucket_mb=BUCKET_MB, backend=no_codegen)
         run, pieces = compiled.module, compiled.pieces
-    averager = GradientAverager(module.parameters(), bucket_mb=BUCKET_MB, pieces=pieces)
+    averager = GradientAverager(module.parameters(), bucket_mb=BUCKET_MB, pieces=pieces,
+                                token_embedding=module.embed_tokens.weight if sparse else None)
     for micro_step in range(2):
         averager.enabled = micro_step == 1
-        run(batch(rank, micro_step)).square().sum().backward()
+        ids = batch(rank, micro_step)
+        averager.note_tokens(ids)
+        run(ids).square().sum().backward()
     started_in_backward = list(averager.launched)
     averager.wait()
     names = {id(p): n for n, p in module.named_parameters()}
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world": dist.get_world_size(), "launched": averager.launched, "started_in_backward": started_in_backward,
+        "embedding_rows": averager.embedding_rows,
         "pieces": [[names[id(p)] for p in piece] for piece in (pieces() if pieces else [])],
         "weights": {n: p.tolist() for n, p in module.named_parameters()},
         "grads": {n: p.grad.tolist() for n, p in module.named_parameters()}}))

@@ -58,10 +58,30 @@ def test_trainer_three_processes_equal_one_with_accumulation(tmp_path):
 
 
 def test_ddp_rows_without_ddp_module_use_the_coalesced_gradient_sync(tmp_path):
-    """--grad-sync coalesced: the 'ddp' row runs dist_lm.train.grad_sync instead of a DDP module (no ddp_seen)."""
+    """--grad-sync coalesced: the 'ddp' row runs dist_lm.train.grad_sync instead of a DDP module (no ddp_seen), the
+    embedding's gradient as the rows of the tokens seen; --tokens sample feeds windows of the bundled sample."""
     (row,) = dry_run("dist_lm", tmp_path, "--topologies", "ddp", "--grad-sync", "coalesced")["rows"]
     assert row["ddp_seen"] is None and row["num_gpus"] == 2 and row["tokens_per_s_per_gpu"] > 0
-    # eager (dry run): no compiled pieces, so the gradients go in 125 MiB groups, one for this tiny model
-    assert row["grad_sync"] == {"kind": "coalesced", "bucket_mb": 125.0, "all_reduces_per_step": 1,
-                                "by_piece": False}
+    # eager (dry run): no compiled pieces, so the gradients go in 125 MiB groups, one for this tiny model; 2 ranks x
+    # 2 x 32 uniform random ids touch nearly 128 of the 10,000 embedding rows
+    sync = row["grad_sync"]
+    assert {k: sync[k] for k in ("kind", "bucket_mb", "all_reduces_per_step", "by_piece")} == {
+        "kind": "coalesced", "bucket_mb": 125.0, "all_reduces_per_step": 1, "by_piece": False}
+    assert 100 < sync["embedding_rows"] <= 128, sync
     assert "no DDP" in row["variant"]
+
+    sample = tmp_path / "sample"
+    (row,) = dry_run("dist_lm", sample, "--topologies", "ddp", "--grad-sync", "coalesced", "--tokens", "sample",
+                     "--dense-embedding")["rows"]
+    assert row["grad_sync"]["embedding_rows"] is None  # the whole gradient went
+    assert "whole embedding gradient" in row["variant"] and "tokens of the bundled sample" in row["variant"]
+    assert (sample / "tokens" / "tinystories-sample" / "manifest.json").is_file()
+
+
+def test_parity_runs_take_the_gradient_sync_of_the_ddp_rows():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_scaling
+
+    args = bench_scaling.parse_args(["--part", "parity", "--grad-sync", "coalesced", "--dry-run"])
+    runs = bench_scaling.plan_parity(args, Path("/nonexistent"))
+    assert {r.topology: "train.grad_sync=coalesced" in r.script_args for r in runs} == {"single": False, "ddp": True}

@@ -79,6 +79,8 @@ def test_compiled_two_process_data_parallel_with_accumulation_matches_one_proces
     if grad_sync == "coalesced":  # by the compiled pieces, more than one
         sync = re.search(r"gradient sync: (\d+) coalesced all-reduce\(s\) per step, one per compiled piece", out)
         assert sync and int(sync.group(1)) > 1, out[-2000:]
+        rows = re.search(r"embedding gradient as the ([\d,]+) rows seen \(of 10,000\)", out)
+        assert rows and 0 < int(rows.group(1).replace(",", "")) < 10000, out[-2000:]
     a, b = step_losses(one), step_losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
