@@ -178,6 +178,9 @@ def batch_tokens(source: str, batch: int, cfg: ModelConfig, rank: int, seed: int
     windows = (len(tokens) - 1) // cfg.seq_len
     if windows < 1:
         raise SystemExit(f"--tokens {source}: fewer train tokens than one window of {cfg.seq_len + 1}")
+    if (rank + 1) * batch > windows:
+        print(f"warning: --tokens {source} holds {windows} windows of {cfg.seq_len + 1}, fewer than rank {rank}'s "
+              f"last; its windows wrap around and repeat other ranks' text", file=sys.stderr)
     ids = (np.arange(batch) + rank * batch) % windows
     data = torch.from_numpy(tokens.read_rows(ids * cfg.seq_len, cfg.seq_len + 1)).long()
     if int(data.max()) >= cfg.vocab_size:
@@ -539,9 +542,10 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    # The row is printed and the process group destroyed (end_training): skip the interpreter's C++ teardown, where
-    # gloo's threads now and then abort a finished CPU dry run ("terminate called without an active exception",
-    # exit -6 after the row), as the gloo test workers do.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # The row is printed and the process group destroyed (end_training): on the CPU, skip the interpreter's C++
+    # teardown, where gloo's threads now and then abort a finished dry run ("terminate called without an active
+    # exception", exit -6 after the row), as the gloo test workers do.
+    if not torch.cuda.is_available():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,4 +1,4 @@
-"""Data-parallel gradient averaging without DistributedDataParallel's buckets (experimental, benchmark-only).
+"""Data-parallel gradient averaging without DistributedDataParallel's buckets (experimental: train.grad_sync).
 
 Why: torch's DDP reducer copies every gradient the backward produces into a flat bucket before all-reducing
 it, because a compiled backward's outputs are never views of its buckets: 114 copies a step at the 124M shape,
@@ -14,9 +14,12 @@ as its piece's backward has produced it. Without pieces (an eager model) the gro
 gradients arrive, closed at `bucket_mb`.
 
 The trainer runs it with train.grad_sync=coalesced (experimental; `replicate` builds it the way it builds the
-other topologies), and `benchmarks/bench_scaling.py --grad-sync coalesced` measures it against DDP. What it does
-not do (DDP does): find unused parameters (every parameter must get a gradient in each synchronised backward;
-`wait` says which did not); `replicate` broadcasts rank 0's weights as DDP does when it wraps a module.
+other topologies), and `benchmarks/bench_scaling.py --grad-sync coalesced` measures it against DDP. Like DDP,
+`replicate` broadcasts rank 0's weights first. Unlike DDP, it does not find unused parameters: every parameter
+must get a gradient in each synchronised backward (`wait` says which did not). The all-reduces are issued from
+the backward's hooks (the autograd engine's thread on CUDA) inside torch.distributed's coalescing manager, whose
+state is per process group, not per thread: nothing else may issue collectives on the same group during a
+synchronised backward.
 """
 
 from __future__ import annotations
@@ -46,8 +49,13 @@ class GradientAverager:
     is zero outside the rows of the tokens seen, so only the rows some rank saw since the last synchronisation are
     all-reduced (gathered into one compact tensor and scattered back), which makes the all-reduce that the end of
     the backward waits for (the embedding's gradient is the last one produced) several times smaller on text. It
-    needs every micro-step's token ids, on the host, through `note_tokens` on every rank; the ranks agree on the
-    rows over `host_group` (a gloo group: a mask of one byte per row, reduced on the CPU while the GPU runs)."""
+    needs every micro-step's token ids, on the host, through `note_tokens` on every rank (after `enabled` is set);
+    the ranks agree on the rows over `host_group` (a gloo group: a mask of one byte per row, whose reduction
+    starts in the synchronised micro-step's note_tokens and is waited for when the embedding's gradient is ready).
+    When more than DENSE_FRACTION of the rows were seen, the whole gradient goes instead (the gather and scatter
+    would cost more than the rows saved)."""
+
+    DENSE_FRACTION = 0.9
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None = None,
                  bucket_mb: float = 125.0,
@@ -74,6 +82,7 @@ class GradientAverager:
         self._embedding = token_embedding
         self._host_group = host_group if host_group is not None else group
         self._seen: torch.Tensor | None = None  # host mask of the embedding rows looked up since the last sync
+        self._seen_work = None  # the mask's reduction over the host group, started by a synchronised note_tokens
         self._scatter: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (gradient, rows, compact)
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params]
 
@@ -89,9 +98,14 @@ class GradientAverager:
         if token_ids.device.type != "cpu":
             raise ValueError("note_tokens takes the token ids on the host (reading them from the device would make "
                              "the host wait for the GPU); pass the batch before it is copied to the device")
+        if self._seen_work is not None:
+            raise RuntimeError("note_tokens called again after a synchronised micro-step's; call wait() first")
         if self._seen is None:
             self._seen = torch.zeros(self._embedding.shape[0], dtype=torch.uint8)
         self._seen[token_ids.reshape(-1)] = 1
+        if self.enabled:  # the last micro-step before the sync: the ranks' masks travel while the GPU computes
+            self._seen_work = dist.all_reduce(self._seen, op=dist.ReduceOp.MAX, group=self._host_group,
+                                              async_op=True)
 
     def _resolve_pieces(self) -> None:
         """Group by the compiled pieces from the first synchronised backward on (the model is compiled by then);
@@ -116,6 +130,7 @@ class GradientAverager:
                                "twice, or a second backward before wait()): the all-reduce already started")
         if not self._ready:  # the first gradient of this synchronised backward
             self.launched = []
+            self.embedding_rows = None
             self._resolve_pieces()
             self._waiting = [len(g) for g in self._groups]
         self._ready.add(id(param))
@@ -131,11 +146,20 @@ class GradientAverager:
             self._all_reduce(self._pending)
             self._pending, self._pending_bytes = [], 0
 
-    def _embedding_rows(self, device: torch.device) -> torch.Tensor:
+    def _embedding_rows(self, device: torch.device) -> torch.Tensor | None:
         """The embedding rows any rank looked up since the last synchronisation, on `device` (agreed over the host
-        group: the masks' maximum)."""
-        dist.all_reduce(self._seen, op=dist.ReduceOp.MAX, group=self._host_group)
+        group: the masks' maximum), or None when so many that the whole gradient should go (the same on every
+        rank)."""
+        if self._seen is None:  # every rank must take the same path, or the collectives below would not match
+            raise RuntimeError("GradientAverager has a token_embedding but note_tokens was not called since the last "
+                               "synchronisation; pass every micro-step's token ids to note_tokens")
+        if self._seen_work is None:  # `enabled` was set after the last note_tokens: reduce now
+            self._seen_work = dist.all_reduce(self._seen, op=dist.ReduceOp.MAX, group=self._host_group,
+                                              async_op=True)
+        self._seen_work.wait()
         rows = self._seen.nonzero().flatten()
+        if len(rows) > self.DENSE_FRACTION * len(self._seen):
+            return None
         self.embedding_rows = len(rows)
         if device.type == "cuda":  # pinned, so that the copy does not make the host wait
             return rows.pin_memory().to(device, non_blocking=True)
@@ -148,8 +172,8 @@ class GradientAverager:
             return
         grads = []
         for param in params:
-            if param is self._embedding and self._seen is not None:
-                rows = self._embedding_rows(param.grad.device)
+            rows = self._embedding_rows(param.grad.device) if param is self._embedding else None
+            if rows is not None:
                 compact = param.grad.index_select(0, rows)
                 self._scatter.append((param.grad, rows, compact))
                 grads.append(compact)
@@ -182,7 +206,7 @@ class GradientAverager:
             self._scatter.clear()
             self._ready.clear()
             self._pending, self._pending_bytes = [], 0
-            self._seen = None
+            self._seen, self._seen_work = None, None
 
     def remove(self) -> None:
         """Take the hooks off the parameters."""
@@ -261,8 +285,9 @@ def replicate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, grou
     then grouped in the order they arrive. With `sparse_embedding`, the gradient of the model's `embed_tokens`
     (when it is an nn.Embedding whose weight nothing else shares) is all-reduced as the rows of the tokens seen
     (GradientAverager's token_embedding; the caller passes every micro-step's host token ids to `note_tokens`).
-    Returns (the module to call, its GradientAverager). Every process of `group` calls it, with the same model
-    (the broadcast and the host group's creation are collectives)."""
+    Returns (the module to call, its GradientAverager). Every process calls it, with the same model (the broadcast
+    and the host group's creation are collectives; the latter over every process of the default group, even
+    for a subgroup `group`)."""
     train = cfg.train
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -288,10 +313,13 @@ def replicate(model: torch.nn.Module, cfg: RunConfig, device: torch.device, grou
 
 
 def _untied_token_embedding(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    """`model.embed_tokens`'s weight when it is an nn.Embedding's that no other module shares (a tied LM head's
-    gradient would be dense), else None."""
+    """A TransformerLM's embedding weight (its LM head is untied and nothing else reads the table, so the gradient
+    is zero outside the rows looked up), unless a module shares it; None for any other model, whose forward could
+    read the table in ways no module lists (a tied head through F.linear would make the gradient dense)."""
+    from dist_lm.model import TransformerLM
+
     embed = getattr(model, "embed_tokens", None)
-    if not isinstance(embed, torch.nn.Embedding):
+    if not isinstance(model, TransformerLM) or not isinstance(embed, torch.nn.Embedding) or embed.sparse:
         return None
     uses = sum(p is embed.weight for _, p in model.named_parameters(remove_duplicate=False))
     return embed.weight if uses == 1 else None

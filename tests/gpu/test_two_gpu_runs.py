@@ -127,14 +127,21 @@ def test_fsdp2_checkpoint_resumes_on_one_and_two_gpus_and_generates(tmp_path, sh
         assert generate(device) == text
 
 
-def test_ddp_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards):
-    """The trainer's default compiled path (CUDA graphs, 125 MiB buckets, gradients as bucket views, the mean
-    all-reduce hook, graph pieces aligned with the buckets) on 2 GPUs against 1 GPU x accumulation 2 at the same
-    global batch: the same micro-batches, so the same curve up to the rounding of two different reductions
-    (eager: identical at every step, benchmarks/README.md)."""
-    two = tmp_path / "ddp"
-    out = train(two, shards, "ddp.yaml")
-    assert "(DDP, compiled (cudagraphs))" in out and "2 process(es)" in out, out[-2000:]
+@pytest.mark.parametrize("grad_sync", ["ddp", "coalesced"])
+def test_data_parallel_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_path, shards, grad_sync):
+    """The trainer's compiled data-parallel paths on 2 GPUs against 1 GPU x accumulation 2 at the same global batch:
+    the same micro-batches, so the same curve up to the rounding of two different reductions (eager: identical at
+    every step, benchmarks/README.md). ddp: the default (CUDA graphs, 125 MiB buckets, gradients as bucket views,
+    the mean all-reduce hook, graph pieces aligned with the buckets); coalesced: no DDP module, the CUDA-graph pieces'
+    gradients all-reduced in place from the backward hooks, the embedding's as the rows seen (1 MiB pieces here, so
+    that the 3.4M-parameter demo model is cut into several)."""
+    two = tmp_path / grad_sync
+    extra = ("train.grad_sync=coalesced", "train.ddp_bucket_mb=1") if grad_sync == "coalesced" else ()
+    out = train(two, shards, "ddp.yaml", *extra)
+    topology = "DDP" if grad_sync == "ddp" else "data parallel, coalesced all-reduce"
+    assert f"({topology}, compiled (cudagraphs))" in out and "2 process(es)" in out, out[-2000:]
+    if grad_sync == "coalesced":
+        assert "one per compiled piece; embedding gradient as the" in out, out[-2000:]
     one = tmp_path / "single_accum2"
     out = train(one, shards, "single.yaml", "train.grad_accum_steps=2")
     assert "(1 process, compiled (cudagraphs))" in out, out[-2000:]

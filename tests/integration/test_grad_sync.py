@@ -76,3 +76,36 @@ def test_a_parameter_without_gradient_is_named_not_silently_left_local():
             averager.wait()
     finally:
         dist.destroy_process_group()
+
+
+def test_embedding_rows_go_sparse_until_most_rows_are_seen_and_a_missing_note_is_an_error():
+    import torch.distributed as dist
+
+    from dist_lm.train.grad_sync import GradientAverager
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        embed = torch.nn.Embedding(20, 3)
+        averager = GradientAverager(embed.parameters(), token_embedding=embed.weight)
+
+        def step(ids: torch.Tensor, note: bool = True) -> None:
+            averager.enabled = True
+            if note:
+                averager.note_tokens(ids)
+            embed(ids).square().sum().backward()
+            averager.wait()
+
+        step(torch.tensor([[1, 5, 5, 7]]))
+        assert averager.embedding_rows == 3  # rows 1, 5, 7 went; the others are zero
+        want = torch.zeros(20, 3)
+        for i, n in ((1, 1), (5, 2), (7, 1)):
+            want[i] = 2 * n * embed.weight[i].detach()
+        torch.testing.assert_close(embed.weight.grad, want)
+        embed.weight.grad = None
+        step(torch.arange(19).view(1, -1))  # 19 of 20 rows: more than DENSE_FRACTION, the whole gradient goes
+        assert averager.embedding_rows is None
+        embed.weight.grad = None
+        with pytest.raises(RuntimeError, match="note_tokens was not called"):
+            step(torch.tensor([[2]]), note=False)
+    finally:
+        dist.destroy_process_group()
