@@ -161,7 +161,8 @@ class TrainConfig:
     all-reduced after the backward (benchmarks/README.md, Scaling). The gradients are views into the buckets
     (gradient_as_bucket_view): the all-reduced bucket is the gradient, with no copy back (DDP still copies each
     fresh gradient of the backward into its bucket: 0.43 ms a step at 124M on an H200). Measured at 100, 125 and
-    one bucket for the whole model (124M), 33 and 600 at TinyStories: 125 is as fast as any."""
+    one bucket for the whole model (124M), 33 and 600 at TinyStories: 125 is as fast as any. With
+    train.grad_sync=coalesced it sizes the compiled pieces, each all-reduced as one coalesced call."""
     grad_sync: GradSync = "ddp"
     """Under data parallelism (an accelerate config with several processes, not FSDP): how the gradients are
     averaged over the processes. ddp: torch's DistributedDataParallel (train.ddp_bucket_mb buckets, the mean taken
