@@ -137,3 +137,23 @@ def test_checkpoint_from_two_processes_resumes_in_one(tmp_path, sample_shards):
     ok(launch(tiny_run(moved, sample_shards, "train.resume=latest"), cwd=tmp_path, accelerate_config=None))
     a, b = step_losses(straight), step_losses(moved)
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4, (a, b)
+
+
+def test_coalesced_two_process_run_resumes_where_it_stopped(tmp_path, sample_shards):
+    """train.grad_sync=coalesced keeps the trainer's checkpoints: a 2-process run stopped after its step-3
+    checkpoint and resumed (weights, the prepared optimizer's state, data position) gives the uninterrupted run's
+    losses; the checkpoint also resumes in 1 process with the same global batch."""
+    coalesced = ("train.grad_sync=coalesced", "train.batch_size=4")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    ok(launch(tiny_run(straight, sample_shards, *coalesced), accelerate_config="cpu_ddp.yaml", cwd=tmp_path))
+    ok(launch(tiny_run(stopped, sample_shards, *coalesced, "train.max_steps=3"), accelerate_config="cpu_ddp.yaml",
+              cwd=tmp_path))
+    one = tmp_path / "one"
+    shutil.copytree(stopped, one)
+    ok(launch(tiny_run(stopped, sample_shards, *coalesced, "train.resume=latest"), accelerate_config="cpu_ddp.yaml",
+              cwd=tmp_path))
+    ok(launch(tiny_run(one, sample_shards, "train.resume=latest"), cwd=tmp_path, accelerate_config=None))
+    a, b, c = step_losses(straight), step_losses(stopped), step_losses(one)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-6, (a, b)
+    assert max(abs(a[s] - c[s]) for s in range(4, 7)) < 1e-4, (a, c)
