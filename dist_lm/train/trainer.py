@@ -138,7 +138,7 @@ def train(cfg: RunConfig) -> TrainResult:
     # prepare(model) would wrap the model in DDP and its forward in the autocast; without a DDP module the
     # forward runs under accelerator.autocast() instead (`amp`), and only the optimizer is prepared (registered
     # with the fp16 gradient scaler, made a no-op on accumulation micro-steps).
-    amp = accelerator.autocast if averager is not None else contextlib.nullcontext
+    amp = averager is not None
     if averager is not None:
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     elif fsdp is None:
@@ -212,7 +212,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     if averager is not None:  # all-reduce in this micro-step's backward, or accumulate locally
                         averager.enabled = accelerator.sync_gradients
                         averager.note_tokens(host_x)  # the embedding rows to all-reduce
-                    with amp():
+                    with accelerator.autocast() if amp else contextlib.nullcontext():
                         loss = model(x, y)
                     accelerator.backward(loss)
                     step_loss += loss.detach()
@@ -273,7 +273,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     f"{speed['tokens_per_s']:,.0f} tok/s{mfu}")
 
             if done % t.eval_interval == 0 or done == t.max_steps:
-                val = evaluate(model, eval_batches, accelerator, cuda_graphs=graphs, amp=averager is not None)
+                val = evaluate(model, eval_batches, accelerator, cuda_graphs=graphs, amp=amp)
                 result.val_losses[done] = val
                 tracker.log_metrics({"val/loss": val}, step=done)
                 if is_main:
