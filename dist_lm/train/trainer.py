@@ -302,6 +302,11 @@ def train(cfg: RunConfig) -> TrainResult:
     if is_main and tracker.run_id:
         say(f"MLflow run {tracker.run_id} in {uri}\nview it with: mlflow ui --backend-store-uri {uri}")
     accelerator.wait_for_everyone()
+    # Drop everything that holds the process group (the DDP module's reducer, FSDP2's mesh, the averager's groups)
+    # before destroying it. Held in a reference cycle, they would be freed at interpreter exit, and a gloo group
+    # freed then aborts a finished run now and then ("terminate called without an active exception").
+    model = raw_model = sampler = optimizer = averager = None
+    accelerator.free_memory()  # Accelerate's references to them, then gc.collect()
     accelerator.end_training()
     return result
 
