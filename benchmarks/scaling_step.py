@@ -57,6 +57,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, window_sizes  # noqa: E402
+from scaling_configs import free_port  # noqa: E402
 
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
@@ -111,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dist_lm on several processes without FSDP: torch's DDP (the trainer's), or "
                         "dist_lm.train.grad_sync (no DDP module: the graph compiled in pieces of --bucket-cap-mb, "
                         "each group of gradients all-reduced in place as one coalesced call; experimental)")
+    p.add_argument("--one-rank-group", action="store_true",
+                   help="--grad-sync coalesced in one process: join a process group of one rank (NCCL on CUDA) so "
+                        "the coalesced path runs whole (split compile, hooks, all-reduces, embedding rows) with "
+                        "nothing to wait for; against the plain 1-GPU row, what it costs in compute alone")
     p.add_argument("--dense-embedding", action="store_true",
                    help="--grad-sync coalesced: all-reduce the whole embedding gradient, not only the rows of the "
                         "tokens seen (replicate(sparse_embedding=False))")
@@ -150,8 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.trace_dir and not args.profile:
         p.error("--trace-dir writes the traces of the profiled steps: add --profile")
-    if args.dense_embedding and args.grad_sync != "coalesced":
-        p.error("--dense-embedding is a setting of --grad-sync coalesced")
+    if (args.dense_embedding or args.one_rank_group) and args.grad_sync != "coalesced":
+        p.error("--dense-embedding and --one-rank-group are settings of --grad-sync coalesced")
     if not args.dry_run and args.shape not in SHAPES:
         p.error(f"--shape {args.shape!r} is unknown; choose from {list(SHAPES)}")
     if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1 or args.batch < 0:
@@ -233,7 +238,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     if after_ddp:
         run_cfg.train.compile = False  # compiled below, around the DDP wrapper
     averager = None
-    if args.grad_sync == "coalesced" and fsdp is None and accelerator.num_processes > 1:
+    if args.grad_sync == "coalesced" and fsdp is None and (accelerator.num_processes > 1 or args.one_rank_group):
         model, averager = _coalesced_data_parallel(args, accelerator, raw, run_cfg)
     else:
         model = apply_parallelism(raw, run_cfg, fsdp=fsdp)
@@ -315,6 +320,18 @@ def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: R
     # the bucket size DDP would get: --bucket-cap-mb, else the trainer's, or PyTorch's 25 with Accelerate's defaults
     bucket_mb = args.bucket_cap_mb or (25 if args.ddp_defaults == "accelerate" else run_cfg.train.ddp_bucket_mb)
     return replicate(raw, run_cfg, accelerator.device, bucket_mb=bucket_mb, sparse_embedding=not args.dense_embedding)
+
+
+def _join_one_rank_group(accelerator) -> None:
+    """A process group of this process alone (--one-rank-group), for the coalesced sync's collectives."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes != 1 or dist.is_initialized():
+        raise SystemExit("--one-rank-group runs in one process that no launcher has put in a process group")
+    cuda = accelerator.device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None)
 
 
 def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
@@ -482,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     device = accelerator.device
+    if args.one_rank_group:
+        _join_one_rank_group(accelerator)
     kwargs, batch = DRY_RUN_SHAPE if args.dry_run else SHAPES[args.shape]
     batch = args.batch or batch
     cfg = ModelConfig(**kwargs, attention_backend="auto", fused_loss=True)
@@ -538,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
         print(ROW_PREFIX + json.dumps(row), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if args.one_rank_group and torch.distributed.is_initialized():  # the group Accelerate did not make
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -85,3 +85,22 @@ def test_parity_runs_take_the_gradient_sync_of_the_ddp_rows():
     args = bench_scaling.parse_args(["--part", "parity", "--grad-sync", "coalesced", "--dry-run"])
     runs = bench_scaling.plan_parity(args, Path("/nonexistent"))
     assert {r.topology: "train.grad_sync=coalesced" in r.script_args for r in runs} == {"single": False, "ddp": True}
+
+
+def test_one_rank_group_runs_the_coalesced_sync_in_one_process():
+    """scaling_step --one-rank-group: one process, no launcher, and still the whole coalesced path (its own
+    process group of one rank, the all-reduce, the embedding's rows), so its cost without a peer can be measured."""
+    step = ROOT / "benchmarks" / "scaling_step.py"
+    proc = ok(subprocess.run([sys.executable, str(step), "--system", "dist_lm", "--dry-run", "--no-compile",
+                              "--grad-sync", "coalesced", "--one-rank-group"],
+                             capture_output=True, text=True, timeout=300, env=checkout_env()))
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("SCALING_ROW ")]
+    row = json.loads(line.removeprefix("SCALING_ROW "))
+    assert row["num_gpus"] == 1 and row["ddp_seen"] is None and row["tokens_per_s_per_gpu"] > 0
+    sync = row["grad_sync"]
+    assert sync["kind"] == "coalesced" and sync["all_reduces_per_step"] == 1
+    assert 50 < sync["embedding_rows"] <= 64, sync  # 2 x 32 uniform random ids of 10,000, one rank's
+
+    refused = subprocess.run([sys.executable, str(step), "--system", "dist_lm", "--dry-run", "--one-rank-group"],
+                             capture_output=True, text=True, timeout=300, env=checkout_env())
+    assert refused.returncode == 2 and "settings of --grad-sync coalesced" in refused.stderr
