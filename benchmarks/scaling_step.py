@@ -64,7 +64,13 @@ from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
 from dist_lm.train.grad_sync import replicate  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS, apply_parallelism  # noqa: E402
+from dist_lm.train.parallel import (  # noqa: E402
+    COMPILE_MODES,
+    FSDP_UNITS,
+    align_compiled_pieces_with_buckets,
+    apply_parallelism,
+    use_mean_allreduce,
+)
 from dist_lm.train.trainer import (  # noqa: E402
     _fsdp_options,
     _to_device,
@@ -113,9 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "dist_lm.train.grad_sync (no DDP module: the graph compiled in pieces of --bucket-cap-mb, "
                         "each group of gradients all-reduced in place as one coalesced call; experimental)")
     p.add_argument("--one-rank-group", action="store_true",
-                   help="--grad-sync coalesced in one process: join a process group of one rank (NCCL on CUDA) so "
-                        "the coalesced path runs whole (split compile, hooks, all-reduces, embedding rows) with "
-                        "nothing to wait for; against the plain 1-GPU row, what it costs in compute alone")
+                   help="data parallelism in one process: join a process group of one rank (NCCL on CUDA) so that "
+                        "the whole sync runs (DDP: its module, graph pieces, buckets, hook and all-reduces; "
+                        "coalesced: split compile, hooks, all-reduces, embedding rows) with no peer to wait for; "
+                        "against the plain 1-GPU row, what it costs in compute alone")
     p.add_argument("--dense-embedding", action="store_true",
                    help="--grad-sync coalesced: all-reduce the whole embedding gradient, not only the rows of the "
                         "tokens seen (replicate(sparse_embedding=False))")
@@ -155,8 +162,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.trace_dir and not args.profile:
         p.error("--trace-dir writes the traces of the profiled steps: add --profile")
-    if (args.dense_embedding or args.one_rank_group) and args.grad_sync != "coalesced":
-        p.error("--dense-embedding and --one-rank-group are settings of --grad-sync coalesced")
+    if args.dense_embedding and args.grad_sync != "coalesced":
+        p.error("--dense-embedding is a setting of --grad-sync coalesced")
+    if args.one_rank_group and (args.system != "dist_lm" or args.compile_after_ddp or args.grad_accum > 1):
+        # one process: Accelerate neither wraps DDP nor skips its all-reduce during accumulation (no_sync)
+        p.error("--one-rank-group measures dist_lm's own data-parallel setup at --grad-accum 1, without "
+                "--compile-after-ddp")
     if not args.dry_run and args.shape not in SHAPES:
         p.error(f"--shape {args.shape!r} is unknown; choose from {list(SHAPES)}")
     if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1 or args.batch < 0:
@@ -165,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.warmup = 1, 1
     if args.comm_hook is None:
         args.comm_hook = "mean" if args.system == "dist_lm" and args.ddp_defaults == "trainer" else "none"
+    if args.one_rank_group and args.comm_hook == "bf16":
+        p.error("--one-rank-group: --comm-hook bf16 is Accelerate's own, registered by prepare(); use mean-bf16")
     return args
 
 
@@ -247,6 +260,9 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     note = ""
     if averager is not None:  # no DDP module: Accelerate only wraps the optimizer
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+    elif args.one_rank_group:  # Accelerate wraps no DDP module around one process: as prepare() would
+        model = _one_rank_ddp(args, accelerator, model)
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     elif fsdp is None:
         # Aligned only where DDP is given a bucket size (the trainer's settings or --bucket-cap-mb); with
         # Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
@@ -268,8 +284,9 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     if averager is not None:
         extra["grad_sync"] = {"kind": "coalesced", "bucket_mb": averager.bucket_bytes / 2**20}
 
-    # Without a prepared model (grad_sync), the autocast that prepare(model) adds to the forward on the other paths.
-    forward_context = accelerator.autocast if averager is not None else contextlib.nullcontext
+    # Without a prepared model (grad_sync, one rank), the autocast that prepare(model) adds to the forward elsewhere.
+    prepared = averager is None and not args.one_rank_group
+    forward_context = contextlib.nullcontext if prepared else accelerator.autocast
 
     # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
     graphs = cuda_graphs(run_cfg, accelerator.device, fsdp)
@@ -320,6 +337,24 @@ def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: R
     # the bucket size DDP would get: --bucket-cap-mb, else the trainer's, or PyTorch's 25 with Accelerate's defaults
     bucket_mb = args.bucket_cap_mb or (25 if args.ddp_defaults == "accelerate" else run_cfg.train.ddp_bucket_mb)
     return replicate(raw, run_cfg, accelerator.device, bucket_mb=bucket_mb, sparse_embedding=not args.dense_embedding)
+
+
+def _one_rank_ddp(args: argparse.Namespace, accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around `model` on the one-rank group (--one-rank-group), with what prepare_data_parallel sets up on
+    several processes: the DDP settings Accelerate would pass, the compiled pieces aligned with the buckets, the
+    mean all-reduce hook."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    kwargs = accelerator.ddp_handler.to_kwargs() if accelerator.ddp_handler is not None else {}
+    explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
+    if explicit and not args.no_compile and not args.no_align_pieces:
+        align_compiled_pieces_with_buckets(kwargs.get("bucket_cap_mb", 25))
+    cuda = accelerator.device.type == "cuda"
+    model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None, **kwargs)
+    hook = _hook(args)
+    if hook["mean_hook"]:
+        use_mean_allreduce(model, hook["wire_dtype"])
+    return model
 
 
 def _join_one_rank_group(accelerator) -> None:

@@ -101,6 +101,24 @@ def test_one_rank_group_runs_the_coalesced_sync_in_one_process():
     assert sync["kind"] == "coalesced" and sync["all_reduces_per_step"] == 1
     assert 50 < sync["embedding_rows"] <= 64, sync  # 2 x 32 uniform random ids of 10,000, one rank's
 
-    refused = subprocess.run([sys.executable, str(step), "--system", "dist_lm", "--dry-run", "--one-rank-group"],
-                             capture_output=True, text=True, timeout=300, env=checkout_env())
-    assert refused.returncode == 2 and "settings of --grad-sync coalesced" in refused.stderr
+    refused = subprocess.run([sys.executable, str(step), "--system", "dist_lm", "--dry-run", "--one-rank-group",
+                              "--grad-accum", "2"], capture_output=True, text=True, timeout=300, env=checkout_env())
+    assert refused.returncode == 2 and "--grad-accum 1" in refused.stderr
+
+
+def test_one_rank_group_wraps_ddp_as_prepare_would_on_several_processes():
+    """scaling_step --one-rank-group with DDP: Accelerate wraps no DDP module around one process, so the benchmark
+    wraps it with the trainer's settings and hook, and the row shows that DDP got them."""
+    from dist_lm.config import RunConfig
+    from dist_lm.train.trainer import ddp_kwargs
+
+    step = ROOT / "benchmarks" / "scaling_step.py"
+    proc = ok(subprocess.run([sys.executable, str(step), "--system", "dist_lm", "--dry-run", "--no-compile",
+                              "--one-rank-group"],
+                             capture_output=True, text=True, timeout=300, env=checkout_env()))
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("SCALING_ROW ")]
+    row = json.loads(line.removeprefix("SCALING_ROW "))
+    assert row["num_gpus"] == 1 and "grad_sync" not in row and row["tokens_per_s_per_gpu"] > 0
+    ddp = ddp_kwargs(RunConfig())
+    assert row["ddp_seen"] == {**row["ddp_seen"], "bucket_cap_mb": ddp.bucket_cap_mb, "gradient_as_bucket_view": True,
+                               "broadcast_buffers": False, "comm_hooks": ["mean_allreduce_hook"]}, row["ddp_seen"]
