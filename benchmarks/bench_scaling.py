@@ -141,7 +141,7 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
         if system == "dist_lm" and args.grad_sync == "coalesced":
             parts.append("no DDP: coalesced all-reduce where the backward leaves the gradients"
                          + (", whole embedding gradient" if args.dense_embedding else ""))
-        if args.no_broadcast_buffers and (trainer is None or trainer.broadcast_buffers):
+        if args.no_broadcast_buffers and trainer is None:  # the trainer's settings have it off already
             parts.append("no buffer broadcast")
         hook_by_default = "mean" if trainer is not None else "none"
         if args.comm_hook is not None and args.comm_hook != hook_by_default:

@@ -69,6 +69,7 @@ from dist_lm.train.parallel import (  # noqa: E402
     FSDP_UNITS,
     align_compiled_pieces_with_buckets,
     apply_parallelism,
+    stop_forward_buffer_sync,
     use_mean_allreduce,
 )
 from dist_lm.train.trainer import (  # noqa: E402
@@ -220,8 +221,6 @@ def make_accelerator(args: argparse.Namespace):
         ddp["gradient_as_bucket_view"] = True
     if args.static_graph:
         ddp["static_graph"] = True
-    if args.no_broadcast_buffers:
-        ddp["broadcast_buffers"] = False
     if args.comm_hook == "bf16":
         from accelerate.utils import DDPCommunicationHookType
 
@@ -354,6 +353,8 @@ def _one_rank_ddp(args: argparse.Namespace, accelerator, model: torch.nn.Module)
     hook = _hook(args)
     if hook["mean_hook"]:
         use_mean_allreduce(model, hook["wire_dtype"])
+    if not hook["sync_buffers"]:
+        stop_forward_buffer_sync(model)
     return model
 
 
@@ -404,9 +405,13 @@ def build_hf(args, accelerator, cfg: ModelConfig, x: torch.Tensor):
 
 
 def _hook(args: argparse.Namespace) -> dict:
-    """prepare_data_parallel's hook arguments for --comm-hook (bf16 goes through Accelerate's own hook instead)."""
+    """prepare_data_parallel's arguments for --comm-hook (bf16 goes through Accelerate's own hook instead) and
+    --no-broadcast-buffers."""
     return {"mean_hook": args.comm_hook.startswith("mean"),
-            "wire_dtype": torch.bfloat16 if args.comm_hook == "mean-bf16" else None}
+            "wire_dtype": torch.bfloat16 if args.comm_hook == "mean-bf16" else None,
+            # the trainer turns DDP's buffer broadcast off; Accelerate's defaults keep it unless asked
+            "sync_buffers": (args.system != "dist_lm" or args.ddp_defaults == "accelerate")
+            and not args.no_broadcast_buffers}
 
 
 def _ddp_settings(model: torch.nn.Module) -> dict | None:

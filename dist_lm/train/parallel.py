@@ -234,6 +234,18 @@ def use_mean_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel,
     ddp_model.register_comm_hook(state, mean_allreduce_hook)
 
 
+def stop_forward_buffer_sync(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Stop a DDP module from broadcasting rank 0's buffers before every forward.
+
+    Why: dist_lm's only buffers are the RoPE tables, computed the same way on every rank, and the broadcast would
+    be one more collective (and meeting point of the ranks) per step. Set on the built module rather than passed
+    to the constructor: torch 2.13 deprecates the constructor's `broadcast_buffers` (a FutureWarning at every
+    launch) for `forward_sync_buffers`, which torch 2.11 does not know; both read the attribute at each forward.
+    The buffers are still broadcast once when DDP is built (harmless here: they are equal)."""
+    name = "forward_sync_buffers" if hasattr(ddp_model, "forward_sync_buffers") else "broadcast_buffers"
+    setattr(ddp_model, name, False)
+
+
 def align_compiled_pieces_with_buckets(bucket_cap_mb: float) -> None:
     """Make torch.compile cut a DDP model's graph where DDP cuts its gradient buckets, for DDP given
     `bucket_cap_mb`. Call before DDP wraps the model (accelerator.prepare).

@@ -64,6 +64,7 @@ from dist_lm.train.parallel import (
     FSDPOptions,
     align_compiled_pieces_with_buckets,
     apply_parallelism,
+    stop_forward_buffer_sync,
     use_mean_allreduce,
 )
 from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
@@ -426,28 +427,30 @@ def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
 
     Accelerate's defaults differ in three places: 25 MB buckets, which cut a compiled model into ~20 graphs (dynamo
     splits at bucket boundaries so that the all-reduces can overlap the backward), gradients copied into the
-    buckets, and rank 0's buffers broadcast at every forward. We use train.ddp_bucket_mb (125), gradients as views
-    of the buckets, and no buffer broadcast: the model's only buffers are the RoPE tables, computed the same way on
-    every rank, and the broadcast would be one more collective (and meeting point of the ranks) per step. Around
-    prepare() the trainer also aligns a compiled graph's pieces with these buckets and registers the mean
-    all-reduce hook (`prepare_data_parallel`)."""
-    return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True,
-                                         broadcast_buffers=False)
+    buckets, and rank 0's buffers broadcast at every forward. We use train.ddp_bucket_mb (125) and gradients as
+    views of the buckets here; around prepare() the trainer also aligns a compiled graph's pieces with these
+    buckets, registers the mean all-reduce hook and turns the buffer broadcast off (`prepare_data_parallel`)."""
+    return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
 
 
 def prepare_data_parallel(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                           align_bucket_mb: float | None, mean_hook: bool = True,
-                          wire_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+                          wire_dtype: torch.dtype | None = None,
+                          sync_buffers: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """accelerator.prepare with the trainer's DDP setup around it (under FSDP, plain prepare): before DDP
     is built, the compiled graph's pieces aligned with buckets of `align_bucket_mb` (None: left to torch; for a
     compiled model given that bucket size, parallel.align_compiled_pieces_with_buckets); after, the mean all-reduce
-    hook (parallel.use_mean_allreduce, gradients on the wire in `wire_dtype`). The benchmarks call it with their
-    knobs, so that they measure what the trainer runs."""
+    hook (parallel.use_mean_allreduce, gradients on the wire in `wire_dtype`) and, unless `sync_buffers`, no
+    broadcast of rank 0's buffers before each forward (parallel.stop_forward_buffer_sync: the RoPE tables are
+    equal on every rank). The benchmarks call it with their knobs, so that they measure what the trainer runs."""
     if align_bucket_mb is not None and accelerator.num_processes > 1:
         align_compiled_pieces_with_buckets(align_bucket_mb)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if mean_hook and isinstance(model, DistributedDataParallel):
-        use_mean_allreduce(model, wire_dtype)  # the 1/world factor inside the all-reduce
+    if isinstance(model, DistributedDataParallel):
+        if mean_hook:
+            use_mean_allreduce(model, wire_dtype)  # the 1/world factor inside the all-reduce
+        if not sync_buffers:
+            stop_forward_buffer_sync(model)
     return model, optimizer
 
 

@@ -31,7 +31,7 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     want = ddp_kwargs(RunConfig())
     assert rows["ddp"]["ddp_seen"] == {"bucket_cap_mb": want.bucket_cap_mb, "static_graph": False,
                                        "gradient_as_bucket_view": want.gradient_as_bucket_view,
-                                       "broadcast_buffers": want.broadcast_buffers,
+                                       "broadcast_buffers": False,  # set by prepare_data_parallel
                                        "comm_hooks": ["mean_allreduce_hook"],
                                        # eager dry run: no compiled pieces, torch's constant left as it is
                                        "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}

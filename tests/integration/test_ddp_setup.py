@@ -63,3 +63,18 @@ def test_compiled_pieces_align_with_buckets_so_only_the_last_piece_is_reduced_af
     # DDP fills buckets in the order the gradients arrive, which inside a piece need not be the graph's: one
     # small parameter may spill across the boundary (0.06 MiB here; 4.5 of 132 MiB at the 124M shape).
     assert tail <= 1.1 * last_bytes, (tail, last_bytes, buckets)
+
+
+def test_trainer_ddp_keeps_each_ranks_buffers_without_a_deprecated_argument(tmp_path):
+    """The trainer turns DDP's per-forward broadcast of rank 0's buffers off (the RoPE tables are equal on every
+    rank; the broadcast would be a collective per step) on the built module, so that DDP's constructor gets no
+    `broadcast_buffers`, which torch 2.13 deprecates with a FutureWarning at every launch."""
+    worker = Path(__file__).with_name("ddp_buffers_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path)]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**checkout_env(), "OMP_NUM_THREADS": "1"}))
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["default"]["scale"] == 10.0, result  # DDP's default: rank 0's buffer before the forward
+        assert result["stopped"]["scale"] == 10.0 + rank, result  # each rank keeps its own
+        assert result["default"]["warnings"] == result["stopped"]["warnings"] == [], result
