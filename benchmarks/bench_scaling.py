@@ -292,7 +292,7 @@ def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path
 
 
 def profile_line(prof: dict) -> str:
-    """One rank's profile (scaling_step.profile_summary) as text: where a step's GPU time went."""
+    """One rank's profile (scaling_profile.profile_summary) as text: where a step's GPU time went."""
     if "error" in prof:
         return f"profile: {prof['error']}"
     top = "; ".join(f"{name[:48]} {ms:.2f}" for name, ms in prof["top_kernels_ms"][:5])

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, window_sizes  # noqa: E402
 from scaling_configs import free_port  # noqa: E402
+from scaling_profile import profile_summary, sync_device  # noqa: E402
 
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
@@ -69,13 +70,12 @@ from dist_lm.train.parallel import (  # noqa: E402
     FSDP_UNITS,
     align_compiled_pieces_with_buckets,
     apply_parallelism,
-    stop_forward_buffer_sync,
-    use_mean_allreduce,
 )
 from dist_lm.train.trainer import (  # noqa: E402
     _fsdp_options,
     _to_device,
     compiled_as,
+    configure_ddp,
     cuda_graphs,
     ddp_kwargs,
     prepare_data_parallel,
@@ -257,19 +257,19 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in train()).
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
     note = ""
+    # DDP's graph pieces aligned with its buckets only where it is given a bucket size (the trainer's settings or
+    # --bucket-cap-mb); with Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
+    explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
+    align = explicit and not args.no_compile and not args.no_align_pieces
+    align_bucket_mb = accelerator.ddp_handler.bucket_cap_mb if align else None
     if averager is not None:  # no DDP module: Accelerate only wraps the optimizer
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     elif args.one_rank_group:  # Accelerate wraps no DDP module around one process: as prepare() would
-        model = _one_rank_ddp(args, accelerator, model)
+        model = _one_rank_ddp(args, accelerator, model, align_bucket_mb)
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     elif fsdp is None:
-        # Aligned only where DDP is given a bucket size (the trainer's settings or --bucket-cap-mb); with
-        # Accelerate's defaults DDP keeps PyTorch's first bucket, and so does dynamo.
-        explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
-        align = explicit and not args.no_compile and not args.no_align_pieces
-        model, optimizer = prepare_data_parallel(
-            accelerator, model, optimizer, **_hook(args),
-            align_bucket_mb=accelerator.ddp_handler.bucket_cap_mb if align else None)
+        model, optimizer = prepare_data_parallel(accelerator, model, optimizer, **_hook(args),
+                                                 align_bucket_mb=align_bucket_mb)
     else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:
@@ -338,23 +338,19 @@ def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: R
     return replicate(raw, run_cfg, accelerator.device, bucket_mb=bucket_mb, sparse_embedding=not args.dense_embedding)
 
 
-def _one_rank_ddp(args: argparse.Namespace, accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """DDP around `model` on the one-rank group (--one-rank-group), with what prepare_data_parallel sets up on
-    several processes: the DDP settings Accelerate would pass, the compiled pieces aligned with the buckets, the
-    mean all-reduce hook."""
+def _one_rank_ddp(args: argparse.Namespace, accelerator, model: torch.nn.Module,
+                  align_bucket_mb: float | None) -> torch.nn.Module:
+    """DDP around `model` on the one-rank group (--one-rank-group), set up as prepare_data_parallel does on several
+    processes: the DDP settings Accelerate would pass, the compiled pieces aligned with buckets of
+    `align_bucket_mb` (None: left to torch), then trainer.configure_ddp."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if align_bucket_mb is not None:
+        align_compiled_pieces_with_buckets(align_bucket_mb)
     kwargs = accelerator.ddp_handler.to_kwargs() if accelerator.ddp_handler is not None else {}
-    explicit = args.ddp_defaults == "trainer" or args.bucket_cap_mb is not None
-    if explicit and not args.no_compile and not args.no_align_pieces:
-        align_compiled_pieces_with_buckets(kwargs.get("bucket_cap_mb", 25))
     cuda = accelerator.device.type == "cuda"
     model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None, **kwargs)
-    hook = _hook(args)
-    if hook["mean_hook"]:
-        use_mean_allreduce(model, hook["wire_dtype"])
-    if not hook["sync_buffers"]:
-        stop_forward_buffer_sync(model)
+    configure_ddp(model, **_hook(args))
     return model
 
 
@@ -425,11 +421,6 @@ def _ddp_settings(model: torch.nn.Module) -> dict | None:
             "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int) -> tuple[float, list[float], float]:
     """(warm-up seconds, seconds per step in each timed window, last loss) on this rank.
 
@@ -442,95 +433,18 @@ def timed(step: Callable[[], torch.Tensor], accelerator, warmup: int, steps: int
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync_device(device)
     warmup_s = time.perf_counter() - t0
     per_step = []
     for size in window_sizes(steps):
         accelerator.wait_for_everyone()  # start each window together: a late rank would stall the others
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         for _ in range(size):
             loss = step()
-        _sync(device)
+        sync_device(device)
         per_step.append((time.perf_counter() - t0) / size)
     return warmup_s, per_step, float(loss)  # the one host read, after the clock stopped
-
-
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(a, b) for a, b in merged]
-
-
-def _length(intervals: list[tuple[float, float]]) -> float:
-    return sum(b - a for a, b in intervals)
-
-
-def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
-    """Total length of the intersection of two sorted, merged interval lists."""
-    i = j = 0
-    total = 0.0
-    while i < len(xs) and j < len(ys):
-        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
-        total += max(0.0, hi - lo)
-        if xs[i][1] < ys[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
-def profile_summary(step: Callable[[], torch.Tensor], device: torch.device, steps: int = 3,
-                    trace: Path | None = None) -> dict:
-    """Where a step's GPU time goes, per step in ms: the span from the first kernel to the last, the time any
-    compute kernel runs, the time NCCL kernels run, the part of that with no compute beside it (exposed
-    communication: what overlap would remove), idle gaps, and the top kernels by total time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
-    if trace is not None:
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace))  # a .json.gz name is written compressed
-    # GPU-side user annotations (DDP's "DistributedDataParallel.forward", "nccl:all_reduce") are ranges, not
-    # kernels: counted as busy they would fill the gaps between the kernels they span.
-    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-    if not kernels:
-        return {"error": "no GPU kernels recorded"}
-    is_comm = [("nccl" in name.lower()) for name, _, _ in kernels]
-    # Copies and memsets run on the copy engines, beside the SMs: busy time, but not compute.
-    is_copy = [name.lower().startswith(("memcpy", "memset")) for name, _, _ in kernels]
-    comm = _union([(a, b) for (_, a, b), c in zip(kernels, is_comm) if c])
-    compute = _union([(a, b) for (_, a, b), c, m in zip(kernels, is_comm, is_copy) if not (c or m)])
-    span = max(b for _, _, b in kernels) - min(a for _, a, _ in kernels)
-    busy = _length(_union([(a, b) for _, a, b in kernels]))
-    totals: dict[str, float] = {}
-    for name, a, b in kernels:
-        totals[name[:70]] = totals.get(name[:70], 0.0) + (b - a)
-    top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
-    per = 1e3 * steps  # microseconds over `steps` steps -> ms per step
-    # Host side: the ops with the most self CPU time (where a GPU left idle waits for the host).
-    host = sorted(((e.key[:60], e.self_cpu_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])[:8]
-    # The last step's collectives, each as (start, end) in ms before the profile's last kernel (the last step's
-    # optimizer) and its exposed part: which all-reduce (bucket) is the tail the step waits for.
-    end = max(b for _, _, b in kernels)
-    per_step = max(1, round(sum(is_comm) / steps))  # not whole when other collectives run (FSDP's clip)
-    last = sorted((a, b) for (_, a, b), c in zip(kernels, is_comm) if c)[-per_step:] if any(is_comm) else []
-    timeline = [[(end - a) / 1e3, (end - b) / 1e3, (b - a - _overlap([(a, b)], compute)) / 1e3] for a, b in last]
-    return {"nccl_last_step_ms_before_end": timeline, "host_top_ms": [[name, t / per] for name, t in host],
-            "steps": steps, "span_ms": span / per, "compute_ms": _length(compute) / per,
-            "nccl_ms": _length(comm) / per, "nccl_exposed_ms": (_length(comm) - _overlap(comm, compute)) / per,
-            "idle_ms": (span - busy) / per, "nccl_kernels_per_step": sum(is_comm) / steps,
-            "top_kernels_ms": [[name, t / per] for name, t in top]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -447,11 +447,18 @@ def prepare_data_parallel(accelerator: Accelerator, model: torch.nn.Module, opti
         align_compiled_pieces_with_buckets(align_bucket_mb)
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(model, DistributedDataParallel):
-        if mean_hook:
-            use_mean_allreduce(model, wire_dtype)  # the 1/world factor inside the all-reduce
-        if not sync_buffers:
-            stop_forward_buffer_sync(model)
+        configure_ddp(model, mean_hook=mean_hook, wire_dtype=wire_dtype, sync_buffers=sync_buffers)
     return model, optimizer
+
+
+def configure_ddp(model: DistributedDataParallel, *, mean_hook: bool = True, wire_dtype: torch.dtype | None = None,
+                  sync_buffers: bool = False) -> None:
+    """What the trainer sets on a built DDP module (prepare_data_parallel's part after prepare): the mean
+    all-reduce hook, and no per-forward broadcast of rank 0's buffers unless `sync_buffers`."""
+    if mean_hook:
+        use_mean_allreduce(model, wire_dtype)  # the 1/world factor inside the all-reduce
+    if not sync_buffers:
+        stop_forward_buffer_sync(model)
 
 
 def compiled_as(cfg: RunConfig, fsdp: FSDPOptions | None, device: torch.device) -> str:
