@@ -349,7 +349,8 @@ def _one_rank_ddp(args: argparse.Namespace, accelerator, model: torch.nn.Module,
         align_compiled_pieces_with_buckets(align_bucket_mb)
     kwargs = accelerator.ddp_handler.to_kwargs() if accelerator.ddp_handler is not None else {}
     cuda = accelerator.device.type == "cuda"
-    model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None, **kwargs)
+    model = DistributedDataParallel(model.to(accelerator.device),  # prepare() would have moved it
+                                    device_ids=[torch.cuda.current_device()] if cuda else None, **kwargs)
     configure_ddp(model, **_hook(args))
     return model
 
