@@ -7,6 +7,7 @@ gives each rank a different buffer value and runs a forward, with DDP's buffer b
 default) and turned off by parallel.stop_forward_buffer_sync; each rank writes what its buffer holds afterwards.
 """
 
+import gc
 import json
 import sys
 import warnings
@@ -48,6 +49,11 @@ def main() -> None:
         result[mode] = {"scale": ddp.module.scale.item(),
                         "warnings": [str(w.message) for w in caught if "buffers" in str(w.message)]}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    # DDP's reducer holds the process group: freed after the group is destroyed (at exit), gloo's threads could
+    # abort the process ("terminate called without an active exception", 1 run in ~6). Both modules: a DDP
+    # module sits in reference cycles, so the first one is not freed when the name is rebound.
+    del ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
