@@ -143,8 +143,7 @@ def variant(args: argparse.Namespace, system: str, topology: str, compiled: bool
                          + (", whole embedding gradient" if args.dense_embedding else ""))
         if args.no_broadcast_buffers and trainer is None:  # the trainer's settings have it off already
             parts.append("no buffer broadcast")
-        hook_by_default = "mean" if trainer is not None else "none"
-        if args.comm_hook is not None and args.comm_hook != hook_by_default:
+        if args.comm_hook is not None and args.comm_hook != "none":
             parts.append(COMM_HOOK_LABELS[args.comm_hook])
         if args.ddp_optimizer != "ddp_optimizer" and compiled:
             parts.append(f"dynamo optimize_ddp={args.ddp_optimizer}")
@@ -421,8 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-graph", action="store_true", help="DDP knob")
     p.add_argument("--no-broadcast-buffers", action="store_true", help="DDP knob: broadcast_buffers=False")
     p.add_argument("--comm-hook", choices=tuple(COMM_HOOK_LABELS), default=None,
-                   help="DDP knob: gradient comm hook (default: the trainer's mean all-reduce for dist_lm, none for "
-                        "HF and --ddp-defaults accelerate)")
+                   help="DDP knob: gradient comm hook (default none: DDP's own averaging, as the trainer)")
     p.add_argument("--no-align-pieces", action="store_true",
                    help="dist_lm DDP, compiled: dynamo's first graph piece at 1 MiB, not DDP's first bucket size")
     p.add_argument("--compile-after-ddp", action="store_true",

@@ -131,10 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random: uniform ids (the work does not depend on them; the worst case for the coalesced "
                         "sync's embedding rows), or a token-shard directory (dist_lm.data.prepare_shards) whose "
                         "train split gives each rank its own windows of real text")
-    p.add_argument("--comm-hook", choices=("mean", "mean-bf16", "none", "bf16"), default=None,
-                   help="DDP gradient comm hook: mean (the trainer's parallel.mean_allreduce_hook; the default "
-                        "for dist_lm with --ddp-defaults trainer), mean-bf16 (the same, bf16 on the wire), none "
-                        "(DDP divides each gradient itself; the default otherwise), bf16 (Accelerate's "
+    p.add_argument("--comm-hook", choices=("mean", "mean-bf16", "none", "bf16"), default="none",
+                   help="DDP gradient comm hook: none (DDP's reducer divides each gradient as it copies it into "
+                        "its bucket; the trainer's, the default), mean (parallel.mean_allreduce_hook: the mean "
+                        "inside NCCL's all-reduce), mean-bf16 (the same, bf16 on the wire), bf16 (Accelerate's "
                         "DDPCommunicationHookType.BF16)")
     p.add_argument("--no-align-pieces", action="store_true",
                    help="dist_lm DDP: leave dynamo's first graph piece at 1 MiB instead of DDP's first bucket size "
@@ -175,8 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps and --grad-accum must be >= 1, --warmup and --batch >= 0")
     if args.dry_run:
         args.steps, args.warmup = 1, 1
-    if args.comm_hook is None:
-        args.comm_hook = "mean" if args.system == "dist_lm" and args.ddp_defaults == "trainer" else "none"
     if args.one_rank_group and args.comm_hook == "bf16":
         p.error("--one-rank-group: --comm-hook bf16 is Accelerate's own, registered by prepare(); use mean-bf16")
     return args
@@ -329,7 +327,7 @@ def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: R
     (dist_lm.train.grad_sync.replicate), with the bucket size DDP would get here."""
     ddp_only = [flag for flag, on in (("--compile-after-ddp", args.compile_after_ddp),
                                       ("--static-graph", args.static_graph),
-                                      ("--comm-hook", args.comm_hook in ("mean-bf16", "bf16")),
+                                      ("--comm-hook", args.comm_hook != "none"),
                                       ("--ddp-optimizer", args.ddp_optimizer != "ddp_optimizer")) if on]
     if ddp_only:
         raise SystemExit(f"--grad-sync coalesced has no DDP module: {', '.join(ddp_only)} would be ignored")

@@ -429,20 +429,21 @@ def ddp_kwargs(cfg: RunConfig) -> DistributedDataParallelKwargs:
     splits at bucket boundaries so that the all-reduces can overlap the backward), gradients copied into the
     buckets, and rank 0's buffers broadcast at every forward. We use train.ddp_bucket_mb (125) and gradients as
     views of the buckets here; around prepare() the trainer also aligns a compiled graph's pieces with these
-    buckets, registers the mean all-reduce hook and turns the buffer broadcast off (`prepare_data_parallel`)."""
+    buckets and turns the buffer broadcast off (`prepare_data_parallel`). The averaging stays DDP's own."""
     return DistributedDataParallelKwargs(bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
 
 
 def prepare_data_parallel(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                          align_bucket_mb: float | None, mean_hook: bool = True,
+                          align_bucket_mb: float | None, mean_hook: bool = False,
                           wire_dtype: torch.dtype | None = None,
                           sync_buffers: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """accelerator.prepare with the trainer's DDP setup around it (under FSDP, plain prepare): before DDP
     is built, the compiled graph's pieces aligned with buckets of `align_bucket_mb` (None: left to torch; for a
-    compiled model given that bucket size, parallel.align_compiled_pieces_with_buckets); after, the mean all-reduce
-    hook (parallel.use_mean_allreduce, gradients on the wire in `wire_dtype`) and, unless `sync_buffers`, no
-    broadcast of rank 0's buffers before each forward (parallel.stop_forward_buffer_sync: the RoPE tables are
-    equal on every rank). The benchmarks call it with their knobs, so that they measure what the trainer runs."""
+    compiled model given that bucket size, parallel.align_compiled_pieces_with_buckets); after, with `mean_hook`
+    (benchmarks), the mean all-reduce hook (parallel.use_mean_allreduce, on the wire in `wire_dtype`) and, unless
+    `sync_buffers`, no broadcast of rank 0's buffers before each forward (parallel.stop_forward_buffer_sync: the
+    RoPE tables are equal on every rank). The benchmarks call it with their knobs, so that they measure what the
+    trainer runs."""
     if align_bucket_mb is not None and accelerator.num_processes > 1:
         align_compiled_pieces_with_buckets(align_bucket_mb)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -451,10 +452,10 @@ def prepare_data_parallel(accelerator: Accelerator, model: torch.nn.Module, opti
     return model, optimizer
 
 
-def configure_ddp(model: DistributedDataParallel, *, mean_hook: bool = True, wire_dtype: torch.dtype | None = None,
+def configure_ddp(model: DistributedDataParallel, *, mean_hook: bool = False, wire_dtype: torch.dtype | None = None,
                   sync_buffers: bool = False) -> None:
-    """What the trainer sets on a built DDP module (prepare_data_parallel's part after prepare): the mean
-    all-reduce hook, and no per-forward broadcast of rank 0's buffers unless `sync_buffers`."""
+    """What the trainer sets on a built DDP module (prepare_data_parallel's part after prepare): no per-forward
+    broadcast of rank 0's buffers unless `sync_buffers`; with `mean_hook` (benchmarks), the mean all-reduce hook."""
     if mean_hook:
         use_mean_allreduce(model, wire_dtype)  # the 1/world factor inside the all-reduce
     if not sync_buffers:

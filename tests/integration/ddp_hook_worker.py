@@ -1,10 +1,12 @@
 """One rank of the DDP comm-hook test (tests/integration/test_ddp_setup.py), started by torchrun over gloo.
 
-usage: torchrun --nproc_per_node N ddp_hook_worker.py OUT_DIR WIRE   (WIRE: fp32 | bf16)
+usage: torchrun --nproc_per_node N ddp_hook_worker.py OUT_DIR WIRE   (WIRE: trainer | fp32 | bf16)
 
-Each rank runs two backward passes of a small model wrapped in DDP with the trainer's mean all-reduce hook, on
-inputs that differ by rank (the second pass reduces into the same buckets, which are the gradients); rank 0
-writes the gradients of both passes.
+Each rank runs two backward passes of a small model wrapped in DDP, on inputs that differ by rank, and rank 0
+writes the gradients of both passes. WIRE trainer: set up as the trainer sets it up (trainer.configure_ddp: DDP's
+own averaging), gradients set to None between steps as the trainer's zero_grad does (each new gradient is copied
+into its bucket); fp32 / bf16: the benchmarks' mean all-reduce hook, gradients zeroed in place (the second pass
+reduces into the same buckets, which are the gradients).
 """
 
 import json
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_lm.train.parallel import use_mean_allreduce
+from dist_lm.train.trainer import configure_ddp
 
 
 def model() -> torch.nn.Module:
@@ -33,14 +36,17 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     ddp = DistributedDataParallel(model(), gradient_as_bucket_view=True, bucket_cap_mb=1)
-    use_mean_allreduce(ddp, torch.bfloat16 if wire == "bf16" else None)
+    if wire == "trainer":
+        configure_ddp(ddp)
+    else:
+        use_mean_allreduce(ddp, torch.bfloat16 if wire == "bf16" else None)
     grads = []
     for step in range(2):
-        ddp.zero_grad(set_to_none=False)  # views of the buckets stay views
+        ddp.zero_grad(set_to_none=wire == "trainer")  # False: views of the buckets stay views
         ddp(batch(rank, step)).square().sum().backward()
         grads.append({name: p.grad.tolist() for name, p in ddp.module.named_parameters()})
     if rank == 0:
-        hooks = [hook.__name__ for hook, _ in ddp._comm_hooks]  # DDP alone would average too: check it is ours
+        hooks = [hook.__name__ for hook, _ in ddp._comm_hooks]  # DDP alone averages too: check which one did
         (out / "grads.json").write_text(json.dumps({"grads": grads, "world": dist.get_world_size(), "hooks": hooks}))
     dist.barrier()
     dist.destroy_process_group()

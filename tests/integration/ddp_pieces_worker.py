@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_lm.config import ModelConfig
 from dist_lm.model import TransformerLM
-from dist_lm.train.parallel import align_compiled_pieces_with_buckets, stop_forward_buffer_sync, use_mean_allreduce
+from dist_lm.train.parallel import align_compiled_pieces_with_buckets
+from dist_lm.train.trainer import configure_ddp
 
 # 8 blocks of ~0.8 MiB between a 4 MiB embedding and a 4 MiB head (fp32): several pieces at a few MiB a bucket.
 CFG = ModelConfig(vocab_size=8192, seq_len=32, d_model=128, num_layers=8, num_heads=4)
@@ -45,8 +46,7 @@ def main() -> None:
     if align:  # as the trainer: before DDP is built
         align_compiled_pieces_with_buckets(bucket_mb)
     ddp = DistributedDataParallel(torch.compile(model), bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
-    use_mean_allreduce(ddp)
-    stop_forward_buffer_sync(ddp)
+    configure_ddp(ddp)  # as the trainer, after DDP is built
     x = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len), generator=torch.Generator().manual_seed(dist.get_rank()))
     for _ in range(3):  # DDP rebuilds its buckets after the first step, in the order the gradients arrived
         ddp(x, x).backward()

@@ -32,7 +32,7 @@ def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     assert rows["ddp"]["ddp_seen"] == {"bucket_cap_mb": want.bucket_cap_mb, "static_graph": False,
                                        "gradient_as_bucket_view": want.gradient_as_bucket_view,
                                        "broadcast_buffers": False,  # set by prepare_data_parallel
-                                       "comm_hooks": ["mean_allreduce_hook"],
+                                       "comm_hooks": [],
                                        # eager dry run: no compiled pieces, torch's constant left as it is
                                        "first_piece_MiB": torch.distributed._DEFAULT_FIRST_BUCKET_BYTES / 2**20}
     assert rows["ddp"]["variant"] == "" and rows["ddp"]["num_gpus"] == 2
@@ -108,7 +108,7 @@ def test_one_rank_group_runs_the_coalesced_sync_in_one_process():
 
 def test_one_rank_group_wraps_ddp_as_prepare_would_on_several_processes():
     """scaling_step --one-rank-group with DDP: Accelerate wraps no DDP module around one process, so the benchmark
-    wraps it with the trainer's settings and hook, and the row shows that DDP got them."""
+    wraps it with the trainer's settings, and the row shows that DDP got them."""
     from dist_lm.config import RunConfig
     from dist_lm.train.trainer import ddp_kwargs
 
@@ -121,4 +121,4 @@ def test_one_rank_group_wraps_ddp_as_prepare_would_on_several_processes():
     assert row["num_gpus"] == 1 and "grad_sync" not in row and row["tokens_per_s_per_gpu"] > 0
     ddp = ddp_kwargs(RunConfig())
     assert row["ddp_seen"] == {**row["ddp_seen"], "bucket_cap_mb": ddp.bucket_cap_mb, "gradient_as_bucket_view": True,
-                               "broadcast_buffers": False, "comm_hooks": ["mean_allreduce_hook"]}, row["ddp_seen"]
+                               "broadcast_buffers": False, "comm_hooks": []}, row["ddp_seen"]
