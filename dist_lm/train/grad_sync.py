@@ -6,8 +6,8 @@ it, because a compiled backward's outputs are never views of its buckets: 114 co
 costs there over one GPU. `GradientAverager` all-reduces the gradients where the backward left them: a
 post-accumulate hook on every parameter marks its gradient ready, and when every gradient of a group is ready
 the group goes to the backend as one coalesced call (one ncclGroupStart/End over its tensors, no flat copy), the
-mean taken inside the reduction (ReduceOp.AVG). On gloo (the CPU), which has neither AVG nor coalesced calls, the
-group is copied into one flat tensor, divided, all-reduced and copied back, as DDP's buckets are.
+mean taken inside the reduction (ReduceOp.AVG). On gloo (the CPU), which has no AVG, the group is copied into one
+flat tensor, divided, all-reduced and copied back, as DDP's buckets are.
 For the all-reduces to overlap the backward, the compiled graph must be cut into pieces whose backward ends
 early: `split_compile` cuts it as DDP's dynamo optimizer does, by parameter bytes, without a DDP module, and
 `SplitCompiled.pieces()` gives those pieces as the averager's groups, so that each group is all-reduced as soon
@@ -190,9 +190,9 @@ class GradientAverager:
             return
         # Elsewhere (gloo) one flat copy per dtype, divided and all-reduced as one tensor, copied back in wait().
         # Why not the coalescing manager: over gloo, on the dev VM (2 cores, a one-rank group, 2 OpenMP threads),
-        # it made the whole process 2x slower (forward and optimizer included: 55 -> 28 ms a step at a 2.7M-param
-        # shape with this), as if a thread of its own competed for the cores; with one OpenMP thread both ran at
-        # the same speed. A flat tensor is also what DDP's buckets send over gloo.
+        # it made the whole process 2x slower (forward and optimizer included: 69 ms a step against 30 with this,
+        # a 2.7M-parameter model, eager), as if a thread of its own competed for the cores; with one OpenMP thread
+        # both ran at the same speed. A flat tensor is also what DDP's buckets send over gloo.
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for grad in grads:
             by_dtype.setdefault(grad.dtype, []).append(grad)
