@@ -165,12 +165,13 @@ class TrainConfig:
     train.grad_sync=coalesced it sizes the compiled pieces, each all-reduced as one coalesced call."""
     grad_sync: GradSync = "ddp"
     """Under data parallelism (an accelerate config with several processes, not FSDP): how the gradients are
-    averaged over the processes. ddp: torch's DistributedDataParallel (train.ddp_bucket_mb buckets, the mean taken
-    inside the all-reduce). coalesced (experimental): no DDP module; the compiled graph is cut into pieces of
-    train.ddp_bucket_mb of parameters and each piece's gradients are all-reduced in place, where the backward left
-    them, as one coalesced call as soon as the piece's backward ends (dist_lm.train.grad_sync): none of DDP's copies
-    of every gradient into a bucket. Every parameter must get a gradient in every step (true of TransformerLM).
-    benchmarks/README.md, Scaling, compares the two."""
+    averaged over the processes. ddp: torch's DistributedDataParallel (train.ddp_bucket_mb buckets, each gradient
+    divided by the number of processes as DDP copies it into its bucket, the buckets summed). coalesced
+    (experimental): no DDP module; the compiled graph is cut into pieces of train.ddp_bucket_mb of parameters and
+    each piece's gradients are all-reduced in place, where the backward left them, as one coalesced call as soon
+    as the piece's backward ends (dist_lm.train.grad_sync): none of DDP's copies of every gradient into a bucket.
+    Every parameter must get a gradient in every step (true of TransformerLM). benchmarks/README.md, Scaling,
+    compares the two."""
     eval_interval: int = 500
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     eval_batches: int = 20
