@@ -6,8 +6,8 @@ it, because a compiled backward's outputs are never views of its buckets: 114 co
 costs there over one GPU. `GradientAverager` all-reduces the gradients where the backward left them: a
 post-accumulate hook on every parameter marks its gradient ready, and when every gradient of a group is ready
 the group goes to the backend as one coalesced call (one ncclGroupStart/End over its tensors, no flat copy), the
-mean taken inside the reduction (ReduceOp.AVG). On gloo (the CPU), which has no AVG, the group is copied into one
-flat tensor, divided, all-reduced and copied back, as DDP's buckets are.
+mean taken inside the reduction (ReduceOp.AVG). On gloo (the CPU), which has no AVG, the group is copied into flat
+tensors (one per device and dtype), divided, all-reduced and copied back, as DDP's buckets are.
 For the all-reduces to overlap the backward, the compiled graph must be cut into pieces whose backward ends
 early: `split_compile` cuts it as DDP's dynamo optimizer does, by parameter bytes, without a DDP module, and
 `SplitCompiled.pieces()` gives those pieces as the averager's groups, so that each group is all-reduced as soon
@@ -70,7 +70,7 @@ class GradientAverager:
         self.nccl = "nccl" in str(dist.get_backend(group))
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.enabled = False
-        self.launched: list[int] = []  # tensors per coalesced call of the last synchronised backward (for tests)
+        self.launched: list[int] = []  # tensors per group all-reduced in the last synchronised backward (for tests)
         self.embedding_rows: int | None = None  # embedding rows all-reduced last time (None: the whole gradient)
         self._pieces = pieces
         self._group_of: dict[int, int] | None = None  # id(param) -> index into _groups, once the pieces are known
@@ -168,8 +168,9 @@ class GradientAverager:
         return rows.to(device)
 
     def _all_reduce(self, params: list[torch.nn.Parameter]) -> None:
-        """One coalesced all-reduce of the gradients of `params` to their mean, in place, started now (waited for in
-        wait()); the token embedding's gradient as its looked-up rows only."""
+        """All-reduce the gradients of `params` to their mean, started now and waited for in wait(): one coalesced
+        call on NCCL, one flat tensor per device and dtype elsewhere; the token embedding's gradient as its
+        looked-up rows only."""
         if not params:
             return
         grads = []
@@ -188,18 +189,18 @@ class GradientAverager:
                     dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=self.group)
             self._works.extend(coalesced.works)
             return
-        # Elsewhere (gloo) one flat copy per dtype, divided and all-reduced as one tensor, copied back in wait().
+        # Elsewhere (gloo) one flat copy per device and dtype, divided and all-reduced, copied back in wait().
         # Why not the coalescing manager: over gloo, on the dev VM (2 cores, a one-rank group, 2 OpenMP threads),
         # it made the whole process 2x slower (forward and optimizer included: 69 ms a step against 30 with this,
         # a 2.7M-parameter model, eager), as if a thread of its own competed for the cores; with one OpenMP thread
         # both ran at the same speed. A flat tensor is also what DDP's buckets send over gloo.
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grad in grads:
-            by_dtype.setdefault(grad.dtype, []).append(grad)
-        for same_dtype in by_dtype.values():
-            flat = torch.cat([grad.reshape(-1) for grad in same_dtype]).div_(self.world)
+            by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+        for same_kind in by_kind.values():
+            flat = torch.cat([grad.reshape(-1) for grad in same_kind]).div_(self.world)
             self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
-            self._flat.append((flat, same_dtype))
+            self._flat.append((flat, same_kind))
 
     def wait(self) -> None:
         """Start the all-reduce of the gradients still pending and wait (on the current stream) for all of them."""
