@@ -1,10 +1,11 @@
 """One rank of the gradient-averager test (tests/integration/test_grad_sync.py), started by torchrun over gloo.
 
-usage: torchrun --nproc_per_node N grad_sync_worker.py OUT_DIR {eager,split} [sparse]
+usage: torchrun --nproc_per_node N grad_sync_worker.py OUT_DIR {eager,split} [sparse] [mixed]
 
 Each rank starts from its own random weights (rank 0's are broadcast), then runs one optimizer step's worth of
 backward: two micro-steps on token ids that differ by rank and step, gradients synchronised on the second only.
 With "sparse" the embedding's gradient is all-reduced as the rows looked up (the averager's token_embedding).
+With "mixed" the last layer is float64, so that one group holds gradients of two dtypes.
 With "split" the model is compiled cut into pieces (dist_lm.train.grad_sync.split_compile) with AOT autograd
 and no code generation (so that the backward runs piece by piece, as inductor's would, without a C++ compiler),
 and the averager groups the gradients by those pieces. Every rank writes its weights, gradients, the pieces and
@@ -39,12 +40,17 @@ class TinyLM(torch.nn.Module):
         self.layers = torch.nn.Sequential(*layers, torch.nn.Linear(16, 3))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.embed_tokens(ids).mean(dim=1))
+        hidden = self.layers[:-1](self.embed_tokens(ids).mean(dim=1))
+        last = self.layers[-1]
+        return last(hidden.to(last.weight.dtype)).float()
 
 
-def model(seed: int = 0) -> torch.nn.Module:
+def model(seed: int = 0, mixed: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return TinyLM()
+    module = TinyLM()
+    if mixed:
+        module.layers[-1].double()
+    return module
 
 
 def batch(rank: int, micro_step: int) -> torch.Tensor:
@@ -53,10 +59,11 @@ def batch(rank: int, micro_step: int) -> torch.Tensor:
 
 
 def main() -> None:
-    out, how, sparse = Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["sparse"]
+    out, how, options = Path(sys.argv[1]), sys.argv[2], set(sys.argv[3:])
+    sparse, mixed = "sparse" in options, "mixed" in options
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    module = model(seed=rank)  # different on every rank until the broadcast
+    module = model(seed=rank, mixed=mixed)  # different on every rank until the broadcast
     broadcast_parameters(module)
     run, pieces = module, None
     if how == "split":

@@ -17,11 +17,11 @@ sys.path.insert(0, str(WORKER.parent))
 import grad_sync_worker  # noqa: E402
 
 
-def expected_mean(world: int) -> dict[str, torch.Tensor]:
+def expected_mean(world: int, mixed: bool = False) -> dict[str, torch.Tensor]:
     """Rank 0's weights; each rank's two micro-steps accumulated; the mean over ranks. One process, no collectives."""
     total: dict[str, torch.Tensor] = {}
     for rank in range(world):
-        module = grad_sync_worker.model(seed=0)
+        module = grad_sync_worker.model(seed=0, mixed=mixed)
         for micro_step in range(2):
             module(grad_sync_worker.batch(rank, micro_step)).square().sum().backward()
         for name, p in module.named_parameters():
@@ -29,22 +29,27 @@ def expected_mean(world: int) -> dict[str, torch.Tensor]:
     return total
 
 
-@pytest.mark.parametrize(("how", "processes", "sparse"), [("eager", 2, False), ("eager", 3, True),
-                                                         ("split", 2, False), ("split", 2, True)])
-def test_every_rank_ends_with_the_mean_of_the_accumulated_gradients(tmp_path, how, processes, sparse):
+@pytest.mark.parametrize(("how", "processes", "sparse", "mixed"),
+                         [("eager", 2, False, False), ("eager", 3, True, False), ("eager", 2, False, True),
+                          ("split", 2, False, False), ("split", 2, True, False)])
+def test_every_rank_ends_with_the_mean_of_the_accumulated_gradients(tmp_path, how, processes, sparse, mixed):
+    """mixed: the last layer in float64, so that a group's gradients are of two dtypes (on gloo the averager sends
+    one flat tensor per dtype): its 408 bytes of gradients come first in the backward and cannot fill a group of
+    BUCKET_MB alone, so the first group also holds a float32 16x16 weight's."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           str(WORKER), str(tmp_path), how, *(["sparse"] if sparse else [])]
+           str(WORKER), str(tmp_path), how, *(["sparse"] if sparse else []), *(["mixed"] if mixed else [])]
     ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**checkout_env(), "OMP_NUM_THREADS": "1"}))
-    want = expected_mean(processes)
-    reference = grad_sync_worker.model(seed=0)
+    want = expected_mean(processes, mixed)
+    reference = grad_sync_worker.model(seed=0, mixed=mixed)
     for rank in range(processes):  # every rank, not only rank 0 (a reduce to rank 0 would pass there)
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["world"] == processes
         for name, p in reference.named_parameters():  # rank 0's initial weights reached every rank
-            torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(torch.tensor(result["weights"][name], dtype=p.dtype), p.detach(), rtol=0, atol=0)
         assert result["grads"].keys() == want.keys()
         for name, value in want.items():
-            torch.testing.assert_close(torch.tensor(result["grads"][name]), value, rtol=1e-6, atol=1e-7,
+            got = torch.tensor(result["grads"][name], dtype=value.dtype)
+            torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-7,
                                        msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
         # more than one all-reduce, every parameter in exactly one
         assert len(result["launched"]) >= 3 and sum(result["launched"]) == 11, result["launched"]
