@@ -79,6 +79,16 @@ def test_a_parameter_without_gradient_is_named_not_silently_left_local():
         used(torch.randn(2, 4)).sum().backward()
         with pytest.raises(RuntimeError, match="2 parameter\\(s\\) got no gradient"):
             averager.wait()
+        # the failed step leaves nothing behind: the next synchronised step (every parameter used) goes through
+        # and every gradient is the mean (one rank: its own), not refused as a second gradient of the first step
+        for module in (used, unused):
+            module.zero_grad(set_to_none=True)
+        x = torch.randn(2, 4)
+        averager.enabled = True
+        (used(x) + unused(x)).sum().backward()
+        averager.wait()
+        assert averager.launched == [4]
+        torch.testing.assert_close(unused.weight.grad, torch.ones(4, 1) * x.sum(0))
     finally:
         dist.destroy_process_group()
 
