@@ -213,14 +213,16 @@ def _baseline_key(args: argparse.Namespace, system: str, shape: str, compiled: b
 
 
 def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
-    """Per N in --gpus: 1 GPU x (B, accumulation N) vs N GPUs x (B, accumulation 1), DDP and FSDP2: the same
-    global batch, made of the same micro-batches."""
+    """Per N in --gpus: 1 GPU x (B, accumulation N) vs N GPUs x (B, accumulation 1), DDP and FSDP2 (those of
+    --topologies): the same global batch, made of the same micro-batches. --parity-noise adds what two 1-GPU runs
+    of that global batch differ by (the same run again; one batch of N x B), the yardstick for "within bf16
+    noise"."""
     steps = 4 if args.dry_run else (50 if args.quick else args.parity_steps)
     batch = 2 if args.dry_run else args.parity_batch
     common = ["--config", str(ROOT / "configs" / "demo.yaml"), f"train.max_steps={steps}",
               f"optim.cosine_steps={steps}", f"optim.warmup_steps={max(1, steps // 10)}",
               f"train.eval_interval={steps}", "train.eval_batches=4", "train.sample_tokens=0",
-              "checkpoint.interval=0", "tracking.enabled=false", "train.log_interval=10", f"train.batch_size={batch}",
+              "checkpoint.interval=0", "tracking.enabled=false", "train.log_interval=10",
               f"data.data_dir={results / 'parity' / 'data'}",
               f"data.tokenizer_dir={ROOT / 'tokenizers' / 'tinystories-10k'}",
               f"train.mixed_precision={'no' if args.dry_run else 'bf16'}",
@@ -228,19 +230,25 @@ def plan_parity(args: argparse.Namespace, results: Path) -> list[Run]:
     if args.parity_shape != "demo":
         kwargs, _ = SHAPES[args.parity_shape]
         common += [f"model.{k}={v}" for k, v in kwargs.items()]
+    multi = [t for t in (("ddp",) if args.dry_run else ("ddp", "fsdp")) if t in args.topologies]
     runs = []
     for gpus in args.gpus:
-        plan = [("single", 1, gpus)] + [(t, gpus, 1) for t in (("ddp",) if args.dry_run else ("ddp", "fsdp"))]
-        for topology, n, accum in plan:
-            run_dir = results / "parity" / (f"single_accum{accum}" if topology == "single" else f"{topology}_x{n}")
-            script_args = [*common, f"train.grad_accum_steps={accum}", f"run_dir={run_dir}",
-                           f"name=parity_{run_dir.name}"]
+        # (topology, processes, accumulation, sequences per micro-step, noise: None or what the run repeats)
+        plan = [("single", 1, gpus, batch, None)] + [(t, gpus, 1, batch, None) for t in multi]
+        if args.parity_noise:  # the noise floor the N-GPU pairs are judged against, from 1-GPU runs alone
+            plan += [("single", 1, gpus, batch, "repeat"), ("single", 1, 1, gpus * batch, "one_batch")]
+        for topology, n, accum, micro, noise in plan:
+            name = f"single_accum{accum}" if topology == "single" else f"{topology}_x{n}"
+            name = {None: name, "repeat": f"{name}_repeat", "one_batch": f"single_batch{micro}"}[noise]
+            run_dir = results / "parity" / name
+            script_args = [*common, f"train.batch_size={micro}", f"train.grad_accum_steps={accum}",
+                           f"run_dir={run_dir}", f"name=parity_{run_dir.name}"]
             if topology == "ddp":
                 script_args.append(f"train.grad_sync={args.grad_sync}")
-            runs.append(Run(f"trainer {topology} x{n} accum {accum}", topology, n, script_args,
-                            script=ROOT / "launch" / "train.py",
+            label = f"trainer {topology} x{n} accum {accum}" + (f" batch {micro} ({noise})" if noise else "")
+            runs.append(Run(label, topology, n, script_args, script=ROOT / "launch" / "train.py",
                             info={"run_dir": str(run_dir), "topology": topology, "num_gpus": n, "grad_accum": accum,
-                                  "batch_per_gpu": batch, "steps": steps}))
+                                  "batch_per_gpu": micro, "steps": steps, "noise": noise, "noise_for": gpus}))
     return runs
 
 
@@ -457,6 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity-batch", type=int, default=16, help="sequences per GPU per micro-step (B)")
     p.add_argument("--parity-shape", choices=("demo", *SHAPES), default="demo", help="model of the parity runs")
     p.add_argument("--parity-eager", action="store_true", help="parity runs without torch.compile")
+    p.add_argument("--parity-noise", action="store_true",
+                   help="parity: also the 1-GPU noise floor per N: the 1-GPU accumulation-N run again, and one batch "
+                        "of N x B (accumulation 1), each against the first 1-GPU run (--topologies single: only "
+                        "those, on one GPU)")
     p.add_argument("--tag", default="", help="suffix of the results file, for variants (e.g. ddp_knobs)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "runs" / "bench_scaling",
                    help="where parts, logs and parity run dirs go (a temp dir with --dry-run)")

@@ -23,17 +23,20 @@ def read_run(run_dir: Path) -> tuple[dict[int, float], float | None]:
 
 
 def compare_losses(rows: list[dict]) -> list[dict]:
-    """One comparison row per multi-GPU run against the 1-GPU run at the same global batch (accumulation N):
-    max and mean |loss difference| per step."""
+    """One comparison row per multi-GPU run (and per noise run of --parity-noise) against the 1-GPU run at the
+    same global batch (accumulation N): max and mean |loss difference| per step."""
     ok = [r for r in rows if "error" not in r]
     runs = {r["run_dir"]: read_run(Path(r["run_dir"])) for r in ok}  # each file once (a 1-GPU run pairs twice)
     out = []
     for r in ok:
-        if r["topology"] == "single":
+        noise = r.get("noise")
+        if r["topology"] == "single" and not noise:
             continue
-        n = r["num_gpus"]
-        single = next((q for q in ok if q["topology"] == "single" and q["grad_accum"] == n), None)
-        pair = f"{n} GPUs {TOPOLOGY_NAMES[r['topology']]} vs 1 GPU accum {n}"
+        n = r.get("noise_for") or r["num_gpus"]
+        single = next((q for q in ok if q["topology"] == "single" and q["grad_accum"] == n and not q.get("noise")),
+                      None)
+        pair = {None: f"{n} GPUs {TOPOLOGY_NAMES.get(r['topology'])}", "repeat": f"noise: 1 GPU accum {n} again",
+                "one_batch": f"noise: 1 GPU one batch of {r['batch_per_gpu']}"}[noise] + f" vs 1 GPU accum {n}"
         if single is None:
             out.append({"pair": pair, "num_gpus": n, "error": f"the 1-GPU accum {n} run failed or did not run"})
             continue

@@ -129,7 +129,8 @@ def print_targets(rows: list[dict], singles: dict[str, dict]) -> None:
 
 
 def print_parity(part: dict) -> None:
-    print("\nLoss parity (real trainer, same global batch; |1 GPU x accumulation N - N GPUs| per optimizer step):")
+    print("\nLoss parity (real trainer, same global batch; |1 GPU x accumulation N - N GPUs| per optimizer step; "
+          "'noise' rows: two 1-GPU runs of that batch, the yardstick):")
     print("| pair | steps | max abs diff (step) | mean abs diff | first loss | final 1 GPU | final N GPUs | "
           "trainer tok/s 1 GPU -> N GPUs (total, last interval) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -57,6 +57,24 @@ def test_trainer_three_processes_equal_one_with_accumulation(tmp_path):
     assert c["final_1gpu"] < c["first_1gpu"]
 
 
+def test_parity_noise_runs_measure_two_one_gpu_runs_of_the_same_global_batch(tmp_path):
+    """--parity-noise --topologies single: only 1-GPU runs (what a one-GPU machine can run), the accumulation-N run
+    again and one batch of N x B, each compared with the first: the yardstick for the N-GPU pairs' differences."""
+    data = dry_run("parity", tmp_path, "--gpus", "2", "--topologies", "single", "--parity-noise")
+    assert sorted((r["grad_accum"], r["batch_per_gpu"], str(r["noise"])) for r in data["rows"]) == [
+        (1, 4, "one_batch"), (2, 2, "None"), (2, 2, "repeat")]
+    comparisons = {c["pair"]: c for c in data["comparisons"]}
+    assert sorted(comparisons) == ["noise: 1 GPU accum 2 again vs 1 GPU accum 2",
+                                   "noise: 1 GPU one batch of 4 vs 1 GPU accum 2"]
+    # fp32, eager, on the CPU: the same run again gives the same losses; one batch of 4 holds the same sequences as
+    # two micro-batches of 2 (a different order of summation only), so it agrees to fp32 rounding
+    again = comparisons["noise: 1 GPU accum 2 again vs 1 GPU accum 2"]
+    assert again["steps"] == 4 and again["max_abs_diff"] == 0.0, again
+    one_batch = comparisons["noise: 1 GPU one batch of 4 vs 1 GPU accum 2"]
+    assert one_batch["steps"] == 4 and one_batch["max_abs_diff"] < 1e-5, one_batch
+    assert one_batch["final_1gpu"] < one_batch["first_1gpu"]
+
+
 def test_ddp_rows_without_ddp_module_use_the_coalesced_gradient_sync(tmp_path):
     """--grad-sync coalesced: the 'ddp' row runs dist_lm.train.grad_sync instead of a DDP module (no ddp_seen), the
     embedding's gradient as the rows of the tokens seen; --tokens sample feeds windows of the bundled sample."""
