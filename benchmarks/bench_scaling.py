@@ -503,8 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results.mkdir(parents=True, exist_ok=True)
     gpu_count, gpu = _gpus()
-    if not args.dry_run and gpu_count < max(args.gpus):
-        raise SystemExit(f"--gpus {','.join(map(str, args.gpus))} needs {max(args.gpus)} CUDA GPUs (found "
+    needed = max(args.gpus) if set(args.topologies) - {"single"} else 1  # 1-GPU rows only: any GPU count
+    if not args.dry_run and gpu_count < needed:
+        raise SystemExit(f"--gpus {','.join(map(str, args.gpus))} needs {needed} CUDA GPUs (found "
                          f"{gpu_count}); --dry-run checks it on the CPU")
     # Every YAML this part can use is checked through Accelerate's loader before anything runs.
     with tempfile.TemporaryDirectory() as tmp:
