@@ -13,6 +13,8 @@ grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), A
   dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.train.parallel.apply_parallelism
   for compilation (`--compile-mode model|blocks|cudagraphs`, default the trainer's train.compile_mode,
   `--activation-checkpointing`): what train() runs.
+`--systems ...,ours-compiled-det` adds ours compiled in train.deterministic's mode (dist_lm.train.determinism), to
+price bitwise reproducibility.
 Both see the same random tokens (one fixed batch; the work does not depend on the values).
 
 Measured: compile/warm-up wall time (the first `--warmup` steps, synchronised), then `--steps` steps between
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
+from dist_lm.train.determinism import deterministic  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
 from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
 
@@ -52,7 +55,8 @@ SHAPES: dict[str, tuple[dict, int]] = {
     "seed-b128": (dict(d_model=512, num_layers=12, num_heads=8, vocab_size=10000, seq_len=256), 128),
 }
 SYSTEMS = ("hf-eager", "hf-compiled", "ours-eager", "ours-compiled")
-EXTRA_SYSTEMS = ("ours-compiled-ckpt",)  # on request (--systems): ours compiled with activation checkpointing
+# on request (--systems): ours compiled with activation checkpointing; ours compiled in train.deterministic's mode
+EXTRA_SYSTEMS = ("ours-compiled-ckpt", "ours-compiled-det")
 HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 MAX_WINDOWS = 5
@@ -144,31 +148,33 @@ def measure(shape: str, system: str, args) -> dict:
     _free()
     torch.cuda.reset_peak_memory_stats()
     try:
-        torch.manual_seed(0)
-        step, model = build(system, cfg, args.compile_mode, args.activation_checkpointing, not args.no_clip)
-        row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            loss = step(x, y)
-        torch.cuda.synchronize()
-        row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
-        window_ms = []
-        for size in window_sizes(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(size):
-                loss = step(x, y)
-            end.record()
+        with deterministic(system.endswith("-det")):  # compile and steps inside the mode
+            torch.manual_seed(0)
+            step, model = build(system.removesuffix("-det"), cfg, args.compile_mode, args.activation_checkpointing,
+                                not args.no_clip)
+            row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
             torch.cuda.synchronize()
-            window_ms.append(start.elapsed_time(end) / size)
-        ms = statistics.median(window_ms)
-        row.update(step_ms=ms, step_ms_windows=window_ms, tokens_per_s=batch * cfg.seq_len / (ms * 1e-3),
-                   loss=loss.item(), peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
-        row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg) / PEAK_FLOPS
-        if not math.isfinite(row["loss"]):
-            row["error"] = "non-finite loss"
-        del step, model
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                loss = step(x, y)
+            torch.cuda.synchronize()
+            row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
+            window_ms = []
+            for size in window_sizes(steps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(size):
+                    loss = step(x, y)
+                end.record()
+                torch.cuda.synchronize()
+                window_ms.append(start.elapsed_time(end) / size)
+            ms = statistics.median(window_ms)
+            row.update(step_ms=ms, step_ms_windows=window_ms, tokens_per_s=batch * cfg.seq_len / (ms * 1e-3),
+                       loss=loss.item(), peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
+            row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg) / PEAK_FLOPS
+            if not math.isfinite(row["loss"]):
+                row["error"] = "non-finite loss"
+            del step, model
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
     _free()

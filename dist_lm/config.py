@@ -117,7 +117,12 @@ class TrainConfig:
     """The loop: batch, steps, precision, evaluation and logging."""
 
     seed: int = 1337
-    """Fixes the init and the data order; the same seed and config give the same run."""
+    """Fixes the init and the data order; the same seed and config give the same run: bit for bit on the CPU, on a
+    GPU only with train.deterministic (else the kernels picked by timing at start-up may differ between runs)."""
+    deterministic: bool = False
+    """Bitwise-reproducible runs on a GPU: fixed attention kernel configs, no Inductor autotuning that changes
+    numerics, PyTorch's deterministic algorithms (an op without one raises). Costs some speed
+    (benchmarks/README.md); dist_lm/train/determinism.py says what it sets."""
     batch_size: int = 32
     """Sequences per process per micro-step."""
     grad_accum_steps: int = 1

@@ -23,7 +23,9 @@ Design decisions:
   (error near 3e-4, like torch's default matmul on Ampere+ with tf32 on), exact fp32 in the
   interpreter. Under autocast the inputs are cast to the autocast dtype first, as SDPA does.
 - Block sizes, warps and stages autotuned per (head_dim, causal, dtype) over a short list per kernel
-  (3-4 configs) so a first call compiles in seconds, not minutes.
+  (3-4 configs) so a first call compiles in seconds, not minutes. Autotuning picks by timing, so two
+  processes can run different configs, whose blocks sum in another order: not bitwise the same
+  results. `set_autotune(False)` (train.deterministic) runs the first config of each list instead.
 - Exposed to PyTorch as two torch.library custom ops with fake (meta) kernels and a registered
   autograd rule (the custom-op form of an autograd.Function), so torch.compile keeps the call in one
   graph instead of breaking around an opaque Triton launch.
@@ -413,6 +415,25 @@ _INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"  # decided by T
 # cross many block edges at small sequence lengths.
 _INTERPRETER_CONFIGS = {"fwd": (16, 16, 1, 1), "dq": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1)}
 _forced_configs: dict[str, tuple[int, int, int, int]] = dict(_INTERPRETER_CONFIGS) if _INTERPRETED else {}
+_autotune = True
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Autotune the block sizes (the default), or run each kernel with the first config of its list, the same in
+    every process and every run, so the same inputs give the same bits. Returns the previous setting."""
+    global _autotune
+    previous, _autotune = _autotune, enabled
+    return previous
+
+
+def _fixed_config(name: str, args: tuple, meta: dict) -> tuple[int, int, int, int] | None:
+    """The config kernel `name` runs with, or None to autotune: forced (interpreter, tests) first, then the first
+    of its list when autotuning is off. args[0] is Q in all three kernels."""
+    if name in _forced_configs:
+        return _forced_configs[name]
+    if _autotune:
+        return None
+    return _CONFIGS[name][_config_group({"Q": args[0], **meta})][0]
 
 
 @contextmanager
@@ -430,8 +451,9 @@ def _force_configs(**configs: tuple[int, int, int, int]) -> Iterator[None]:
 def _launch(name: str, rows: int, num_bh: int, args: tuple, meta: dict) -> None:
     """Launch kernel `name` over num_bh heads times the blocks of `rows` (queries, or keys for dkdv)."""
     block_key = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
-    if name in _forced_configs:
-        block_m, block_n, num_warps, num_stages = _forced_configs[name]
+    config = _fixed_config(name, args, meta)
+    if config is not None:
+        block_m, block_n, num_warps, num_stages = config
         block = block_n if name == "dkdv" else block_m
         _KERNELS[name][(triton.cdiv(rows, block) * num_bh,)](
             *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)

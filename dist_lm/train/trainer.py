@@ -58,6 +58,7 @@ from dist_lm.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dist_lm.train.determinism import deterministic
 from dist_lm.train.grad_sync import replicate
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
 from dist_lm.train.parallel import (
@@ -88,6 +89,12 @@ class TrainResult:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Train as configured; resumes when cfg.train.resume says so."""
+    # first, before any cuBLAS call of this process (train.deterministic sets cuBLAS's workspace through the env)
+    with deterministic(cfg.train.deterministic):
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
     t = cfg.train
     run_dir = cfg.output_dir()
     resume_from = resolve_resume(run_dir, t.resume)  # checks before anything is written
@@ -181,6 +188,8 @@ def train(cfg: RunConfig) -> TrainResult:
         topology = f"FSDP2, {fsdp.unit} units"
     if t.compile:
         topology += f", compiled ({compiled})"
+    if t.deterministic:
+        topology += ", deterministic"
     say(f"dist_lm | {num_params:,} parameters | {world} process(es) on {accelerator.device} ({topology}) | "
         f"global batch {cfg.global_batch_size(world)} x {cfg.model.seq_len} tokens | "
         f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'} | run_dir {run_dir}")

@@ -89,6 +89,22 @@ def test_compiled_two_process_data_parallel_with_accumulation_matches_one_proces
     assert sorted(va) == sorted(vb) == [3, 6] and max(abs(va[s] - vb[s]) for s in va) < 1e-4, (va, vb)
 
 
+def test_deterministic_mode_runs_the_compiled_trainer_to_the_same_losses(tmp_path, sample_shards):
+    """train.deterministic through the real trainer, compiled: no op on the path lacks a deterministic kernel (torch
+    raises under the mode if one does), the start line says the mode is on, and the losses are the default mode's
+    (the mode fixes which kernels run, not the arithmetic; the CPU is bitwise repeatable either way, and
+    tests/gpu/test_train_gpu.py checks that two GPU runs in the mode agree bit for bit)."""
+    plain, fixed = tmp_path / "plain", tmp_path / "fixed"
+    ok(launch(tiny_run(plain, sample_shards, "train.compile=true"), cwd=tmp_path))
+    out = ok(launch(tiny_run(fixed, sample_shards, "train.compile=true", "train.deterministic=true"),
+                    cwd=tmp_path)).stdout
+    assert "(1 process, compiled (model), deterministic)" in out, out[-2000:]
+    a, b = step_losses(plain), step_losses(fixed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-6, (a, b)
+    assert val_losses(plain) == pytest.approx(val_losses(fixed), abs=1e-6)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, sample_shards):
     big = tmp_path / "big"
     acc = tmp_path / "acc"
