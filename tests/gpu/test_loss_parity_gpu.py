@@ -82,3 +82,18 @@ def test_deterministic_mode_repeats_a_compiled_bf16_run_bit_for_bit(tmp_path):
     differ = {s: (first[s], again[s]) for s in first if first[s] != again[s]}
     assert not differ, differ
     assert first[40] < first[1] - 2  # and it trained
+
+
+def test_deterministic_mode_resumes_a_compiled_bf16_run_bit_for_bit(tmp_path):
+    """A run stopped at its step-20 checkpoint and resumed in a new process continues the uninterrupted run bit for
+    bit (train.deterministic, the fast path): weights, AdamW moments, the learning-rate schedule, the data
+    position and the RNG all come back exactly from the safetensors + JSON checkpoint."""
+    common = ("train.mixed_precision=bf16", "train.compile=true", "model.attention_backend=triton",
+              "model.fused_loss=true", "optim.fused=true", "train.deterministic=true", "optim.cosine_steps=40",
+              "train.eval_interval=20", "checkpoint.interval=20")
+    straight = run(tmp_path, "straight", *common, "train.max_steps=40")
+    run(tmp_path, "stopped", *common, "train.max_steps=20")
+    resumed = run(tmp_path, "stopped", *common, "train.max_steps=40", "train.resume=latest")
+    assert sorted(straight) == sorted(resumed) == list(range(1, 41))
+    differ = {s: (straight[s], resumed[s]) for s in straight if straight[s] != resumed[s]}
+    assert not differ, differ
