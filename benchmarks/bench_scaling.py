@@ -25,7 +25,9 @@ Design decisions:
 - A per-part time budget (--budget-s): a run that would not finish in it is skipped and reported as skipped,
   never silently dropped; each run also has a timeout after which its process group is killed.
 - Loss parity uses the real trainer (launch/train.py) at one global batch: 1 GPU with grad_accum N x B against
-  N GPUs x B (DDP and FSDP2), and compares the per-step train/loss of the metrics.jsonl files.
+  N GPUs x B (DDP and FSDP2), and compares the per-step train/loss of the metrics.jsonl files. `--parity-noise`
+  adds the yardstick, two 1-GPU runs of that global batch (the same run again; one batch of N x B), saved as the
+  part "parity_noise"; with `--topologies single` it runs on one GPU.
 """
 
 from __future__ import annotations
@@ -519,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": versions(), "gpu": gpu, "gpu_count": gpu_count, "host": platform.node(),
             "args": {k: str(v) for k, v in vars(args).items()}}
-    name = args.part + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
+    noise = "_noise" if args.part == "parity" and args.parity_noise else ""  # kept beside a plain parity part's file
+    name = args.part + noise + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
     t0 = time.perf_counter()
     if args.part == "parity":
         runs = plan_parity(args, results)

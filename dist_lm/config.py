@@ -118,7 +118,8 @@ class TrainConfig:
 
     seed: int = 1337
     """Fixes the init and the data order; the same seed and config give the same run: bit for bit on the CPU, on a
-    GPU only with train.deterministic (else the kernels picked by timing at start-up may differ between runs)."""
+    GPU only with train.deterministic (else the kernels picked by timing at start-up may differ between runs, and
+    some kernels are not deterministic)."""
     deterministic: bool = False
     """Bitwise-reproducible runs on a GPU: fixed attention kernel configs, no Inductor autotuning that changes
     numerics, PyTorch's deterministic algorithms (an op without one raises). Costs some speed

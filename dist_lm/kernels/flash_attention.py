@@ -41,6 +41,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from dist_lm.errors import UserError
 
@@ -426,14 +427,32 @@ def set_autotune(enabled: bool) -> bool:
     return previous
 
 
+# (kernel, config group) -> index of the first config of its list that this GPU can run (autotuning off)
+_first_fitting: dict[tuple[str, str], int] = {}
+
+
 def _fixed_config(name: str, args: tuple, meta: dict) -> tuple[int, int, int, int] | None:
-    """The config kernel `name` runs with, or None to autotune: forced (interpreter, tests) first, then the first
-    of its list when autotuning is off. args[0] is Q in all three kernels."""
+    """The config kernel `name` runs with, or None to autotune: forced (interpreter, tests) first, then, when
+    autotuning is off, the first of its list that fits this GPU (the same choice in every run on it).
+    args[0] is Q in all three kernels."""
     if name in _forced_configs:
         return _forced_configs[name]
     if _autotune:
         return None
-    return _CONFIGS[name][_config_group({"Q": args[0], **meta})][0]
+    group = _config_group({"Q": args[0], **meta})
+    return _CONFIGS[name][group][_first_fitting.get((name, group), 0)]
+
+
+def _next_fitting(name: str, args: tuple, meta: dict) -> tuple[int, int, int, int] | None:
+    """After an out-of-resources launch of the fixed config: the next config of the list (remembered), or None."""
+    if name in _forced_configs or _autotune:
+        return None
+    group = _config_group({"Q": args[0], **meta})
+    index = _first_fitting.get((name, group), 0) + 1
+    if index >= len(_CONFIGS[name][group]):
+        return None
+    _first_fitting[(name, group)] = index
+    return _CONFIGS[name][group][index]
 
 
 @contextmanager
@@ -452,13 +471,20 @@ def _launch(name: str, rows: int, num_bh: int, args: tuple, meta: dict) -> None:
     """Launch kernel `name` over num_bh heads times the blocks of `rows` (queries, or keys for dkdv)."""
     block_key = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     config = _fixed_config(name, args, meta)
-    if config is not None:
+    if config is None:
+        _TUNED[name][lambda cfg: (triton.cdiv(rows, cfg[block_key]) * num_bh,)](*args, **meta)
+        return
+    while True:
         block_m, block_n, num_warps, num_stages = config
         block = block_n if name == "dkdv" else block_m
-        _KERNELS[name][(triton.cdiv(rows, block) * num_bh,)](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    else:
-        _TUNED[name][lambda cfg: (triton.cdiv(rows, cfg[block_key]) * num_bh,)](*args, **meta)
+        try:
+            _KERNELS[name][(triton.cdiv(rows, block) * num_bh,)](
+                *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            return
+        except OutOfResources:  # too much shared memory for this GPU (the lists are sized for Hopper): raised
+            config = _next_fitting(name, args, meta)  # before the kernel runs, so the next config starts clean
+            if config is None:
+                raise
 
 
 def _contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:

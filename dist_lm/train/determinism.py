@@ -2,12 +2,14 @@
 
 Why a mode of its own: the seed fixes the init and the data order, which is all the CPU needs, but on a GPU the
 default path picks kernels by timing them at start-up (our attention's block sizes, Inductor's reduction configs),
-and two equally correct kernels sum in different orders: two runs of one command part at the first step by ~1e-5
-and, through training's chaos, by tenths of a nat later (benchmarks/README.md, "Scaling"). This mode fixes those
-choices and asks PyTorch for its deterministic kernels, at some cost in speed (measured there).
+two equally correct kernels sum in different orders, and a few of PyTorch's kernels are not deterministic at all:
+two runs of one command part at the first step by ~1e-5 and, through training's chaos, by tenths of a nat later
+(benchmarks/README.md, "Scaling"). This mode fixes those choices and asks PyTorch for its deterministic kernels, at
+some cost in speed (benchmarks/README.md, "Training step").
 
 What it sets, for the duration of the `deterministic()` block (the run):
-- our attention kernels: the first config of each list instead of autotuning (flash_attention.set_autotune);
+- our attention kernels: the first config of each list that fits the GPU instead of autotuning
+  (flash_attention.set_autotune);
 - Inductor's `deterministic` (no on-device benchmarking of choices that change numerics), where this torch has it;
 - torch.use_deterministic_algorithms(True): an op with no deterministic kernel raises, rather than quietly
   breaking the promise; cuDNN's benchmark off; but not the NaN fill of every torch.empty that the mode also
@@ -15,7 +17,8 @@ What it sets, for the duration of the `deterministic()` block (the run):
   new buffer, while a kernel that reads memory it did not write would show as a difference between runs anyway;
 - CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set: torch refuses cuBLAS under deterministic algorithms without it. It
   must be in the environment before the process's first cuBLAS call, so the trainer enters this block first.
-Collectives need nothing: NCCL reduces in the same order for the same sizes and ranks.
+Collectives are left as they are: NCCL reduces in the same order for the same sizes, ranks and algorithm. Measured
+bit for bit on one GPU only (tests/gpu/test_loss_parity_gpu.py); on several, not yet.
 """
 
 from __future__ import annotations
@@ -34,27 +37,29 @@ CUBLAS_DETERMINISTIC = ":4096:8"
 
 @contextmanager
 def deterministic(enabled: bool = True) -> Iterator[None]:
-    """Run the block in deterministic mode (see the module docstring); restores the previous settings after.
-    enabled=False: a no-op, so callers need no branch."""
+    """Run the block in deterministic mode (see the module docstring); restores the previous settings after (all but
+    CUBLAS_WORKSPACE_CONFIG, which stays). enabled=False: a no-op, so callers need no branch."""
     if not enabled:
         yield
         return
+    # Left set after the block: cuBLAS reads it once per process, so unsetting it would change nothing.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     import torch._inductor.config as inductor_config
 
     saved_algorithms = torch.are_deterministic_algorithms_enabled()
     saved_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     saved_benchmark = torch.backends.cudnn.benchmark
-    has_inductor_flag = hasattr(inductor_config, "deterministic")  # torch >= 2.8 or so
+    has_inductor_flag = hasattr(inductor_config, "deterministic")  # torch >= 2.10 (2.11 on the GPU hosts has it)
     saved_inductor = inductor_config.deterministic if has_inductor_flag else None
     saved_fill = torch.utils.deterministic.fill_uninitialized_memory
-    saved_autotune = flash_attention.set_autotune(False)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cudnn.benchmark = False
-    if has_inductor_flag:
-        inductor_config.deterministic = True
-    try:
+    saved_autotune = flash_attention._autotune
+    try:  # every change inside, so that a failure halfway still restores the ones made
+        flash_attention.set_autotune(False)
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        torch.backends.cudnn.benchmark = False
+        if has_inductor_flag:
+            inductor_config.deterministic = True
         yield
     finally:
         flash_attention.set_autotune(saved_autotune)

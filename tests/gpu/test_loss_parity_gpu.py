@@ -13,8 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(tmp_path: Path, name: str, *overrides: str) -> dict[int, float]:
+def run(tmp_path: Path, name: str, *overrides: str, cold_caches: bool = False) -> dict[int, float]:
+    """The trainer on the demo config; cold_caches: its own empty Inductor and Triton caches, so that nothing a run
+    before it compiled or tuned (Inductor keeps its tuning choices on disk) carries over."""
     run_dir = tmp_path / name
+    caches = {}
+    if cold_caches:
+        fresh = tmp_path / f"caches_{name}_{len(list(tmp_path.glob(f'caches_{name}_*')))}"
+        caches = {"TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor"), "TRITON_CACHE_DIR": str(fresh / "triton")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
            str(ROOT / "configs" / "accelerate" / "single.yaml"), str(ROOT / "launch" / "train.py"),
            "--config", str(ROOT / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"name={name}",
@@ -23,7 +29,7 @@ def run(tmp_path: Path, name: str, *overrides: str) -> dict[int, float]:
            "train.sample_tokens=0", "checkpoint.interval=0", "tracking.enabled=false", "train.log_interval=10",
            *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **caches})
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -76,8 +82,8 @@ def test_deterministic_mode_repeats_a_compiled_bf16_run_bit_for_bit(tmp_path):
     common = ("train.mixed_precision=bf16", "train.compile=true", "model.attention_backend=triton",
               "model.fused_loss=true", "optim.fused=true", "train.deterministic=true", "train.max_steps=40",
               "optim.cosine_steps=40", "train.eval_interval=40")
-    first = run(tmp_path, "first", *common)
-    again = run(tmp_path, "again", *common)
+    first = run(tmp_path, "first", *common, cold_caches=True)  # each compiles and tunes from scratch, as on a
+    again = run(tmp_path, "again", *common, cold_caches=True)  # fresh machine
     assert sorted(first) == sorted(again) == list(range(1, 41))
     differ = {s: (first[s], again[s]) for s in first if first[s] != again[s]}
     assert not differ, differ
@@ -91,9 +97,9 @@ def test_deterministic_mode_resumes_a_compiled_bf16_run_bit_for_bit(tmp_path):
     common = ("train.mixed_precision=bf16", "train.compile=true", "model.attention_backend=triton",
               "model.fused_loss=true", "optim.fused=true", "train.deterministic=true", "optim.cosine_steps=40",
               "train.eval_interval=20", "checkpoint.interval=20")
-    straight = run(tmp_path, "straight", *common, "train.max_steps=40")
-    run(tmp_path, "stopped", *common, "train.max_steps=20")
-    resumed = run(tmp_path, "stopped", *common, "train.max_steps=40", "train.resume=latest")
+    straight = run(tmp_path, "straight", *common, "train.max_steps=40", cold_caches=True)
+    run(tmp_path, "stopped", *common, "train.max_steps=20", cold_caches=True)
+    resumed = run(tmp_path, "stopped", *common, "train.max_steps=40", "train.resume=latest", cold_caches=True)
     assert sorted(straight) == sorted(resumed) == list(range(1, 41))
     differ = {s: (straight[s], resumed[s]) for s in straight if straight[s] != resumed[s]}
     assert not differ, differ

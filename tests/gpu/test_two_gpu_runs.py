@@ -162,6 +162,21 @@ def test_data_parallel_compiled_two_gpus_equal_one_gpu_with_accumulation(tmp_pat
     assert all(abs(norms_two[s] / norms_one[s] - 1) < 0.1 for s in (5, 10)), (norms_two, norms_one)
 
 
+@pytest.mark.parametrize("accelerate_config", ["ddp.yaml", "fsdp.yaml"])
+def test_deterministic_mode_repeats_a_two_gpu_run_bit_for_bit(tmp_path, shards, accelerate_config):
+    """train.deterministic on 2 GPUs (DDP; FSDP2): the same command twice, the same loss at every step bit for bit
+    (the all-reduces and reduce-scatters keep their order for the same sizes and ranks; the rest is the 1-GPU
+    mode, tests/gpu/test_loss_parity_gpu.py)."""
+    runs = [tmp_path / f"run{i}" for i in (1, 2)]
+    for run_dir in runs:
+        out = train(run_dir, shards, accelerate_config, "train.deterministic=true")
+        assert "deterministic)" in out and "2 process(es)" in out, out[-2000:]
+    first, again = (losses(r) for r in runs)
+    assert sorted(first) == sorted(again) == list(range(1, 31))
+    differ = {s: (first[s], again[s]) for s in first if first[s] != again[s]}
+    assert not differ, differ
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 4 or torch.cuda.device_count() % 2,
                     reason="needs an even number of CUDA GPUs, at least 4 (the 2-GPU resume is the test above)")
 def test_fsdp2_checkpoint_from_all_gpus_resumes_on_two(tmp_path, shards):

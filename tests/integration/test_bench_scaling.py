@@ -14,10 +14,10 @@ from conftest import ROOT, checkout_env, ok
 SCRIPT = ROOT / "benchmarks" / "bench_scaling.py"
 
 
-def dry_run(part: str, results: Path, *extra: str) -> dict:
+def dry_run(part: str, results: Path, *extra: str, saved_as: str | None = None) -> dict:
     ok(subprocess.run([sys.executable, str(SCRIPT), "--part", part, "--dry-run", "--results-dir", str(results),
                        *extra], capture_output=True, text=True, timeout=300, env=checkout_env()))
-    return json.loads((results / f"bench_scaling_{part}_dry_run.json").read_text())
+    return json.loads((results / f"bench_scaling_{saved_as or part}_dry_run.json").read_text())
 
 
 def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
@@ -60,7 +60,8 @@ def test_trainer_three_processes_equal_one_with_accumulation(tmp_path):
 def test_parity_noise_runs_measure_two_one_gpu_runs_of_the_same_global_batch(tmp_path):
     """--parity-noise --topologies single: only 1-GPU runs (what a one-GPU machine can run), the accumulation-N run
     again and one batch of N x B, each compared with the first: the yardstick for the N-GPU pairs' differences."""
-    data = dry_run("parity", tmp_path, "--gpus", "2", "--topologies", "single", "--parity-noise")
+    data = dry_run("parity", tmp_path, "--gpus", "2", "--topologies", "single", "--parity-noise",
+                   saved_as="parity_noise")  # beside, not over, a plain parity part's results
     assert sorted((r["grad_accum"], r["batch_per_gpu"], str(r["noise"])) for r in data["rows"]) == [
         (1, 4, "one_batch"), (2, 2, "None"), (2, 2, "repeat")]
     comparisons = {c["pair"]: c for c in data["comparisons"]}

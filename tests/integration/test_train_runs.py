@@ -58,13 +58,16 @@ def test_two_process_ddp_matches_one_process(tmp_path, sample_shards):
     assert a[6] < a[1] - 0.2  # and it learns
 
 
-@pytest.mark.parametrize("grad_sync, topology", [("ddp", "DDP"), ("coalesced", "data parallel, coalesced all-reduce")])
+@pytest.mark.parametrize("grad_sync, topology, deterministic", [
+    ("ddp", "DDP", False), ("coalesced", "data parallel, coalesced all-reduce", False),
+    ("ddp", "DDP", True)])
 def test_compiled_two_process_data_parallel_with_accumulation_matches_one_process(tmp_path, sample_shards,
-                                                                                  grad_sync, topology):
+                                                                                  grad_sync, topology, deterministic):
     """train.compile through the trainer's data-parallel paths (ddp: the trainer's bucket settings, dynamo under DDP,
     accumulation under no_sync; coalesced: no DDP module, the graph cut into pieces, gradients all-reduced in place
     on the last micro-step only): 2 processes x 2 micro-batches of 2 == 1 process x 8, validation losses too, and
-    the start line names the topology and the compile."""
+    the start line names the topology and the compile. deterministic: the 2 processes in train.deterministic's
+    mode (DDP's reducer and the split graph under torch's deterministic algorithms)."""
     one = tmp_path / "one"
     two = tmp_path / "two"
     compiled = ("train.compile=true", "train.compile_mode=cudagraphs")  # without CUDA: one inductor graph
@@ -73,9 +76,10 @@ def test_compiled_two_process_data_parallel_with_accumulation_matches_one_proces
     # 1 MiB buckets: the model's 2.6 MB of fp32 gradients (embedding and head 1.3 MB each) go in several pieces;
     # 4 eval batches of 2 per process: the same 16 validation windows as 2 batches of 8 in one process
     out = ok(launch(tiny_run(two, sample_shards, "train.batch_size=2", "train.grad_accum_steps=2", *compiled,
-                             f"train.grad_sync={grad_sync}", "train.ddp_bucket_mb=1", "train.eval_batches=4"),
+                             f"train.grad_sync={grad_sync}", "train.ddp_bucket_mb=1", "train.eval_batches=4",
+                             f"train.deterministic={str(deterministic).lower()}"),
                     accelerate_config="cpu_ddp.yaml", cwd=tmp_path)).stdout
-    assert f"({topology}, compiled (model))" in out, out[-2000:]
+    assert f"({topology}, compiled (model){', deterministic' if deterministic else ''})" in out, out[-2000:]
     if grad_sync == "coalesced":  # by the compiled pieces, more than one
         sync = re.search(r"gradient sync: (\d+) coalesced all-reduce\(s\) per step, one per compiled piece", out)
         assert sync and int(sync.group(1)) > 1, out[-2000:]
@@ -90,10 +94,11 @@ def test_compiled_two_process_data_parallel_with_accumulation_matches_one_proces
 
 
 def test_deterministic_mode_runs_the_compiled_trainer_to_the_same_losses(tmp_path, sample_shards):
-    """train.deterministic through the real trainer, compiled: no op on the path lacks a deterministic kernel (torch
-    raises under the mode if one does), the start line says the mode is on, and the losses are the default mode's
-    (the mode fixes which kernels run, not the arithmetic; the CPU is bitwise repeatable either way, and
-    tests/gpu/test_train_gpu.py checks that two GPU runs in the mode agree bit for bit)."""
+    """train.deterministic through the real trainer, compiled, on the CPU: the mode's settings (torch's deterministic
+    algorithms, Inductor's deterministic flag) let the compiled CPU path run, the start line says the mode is on, and
+    the losses are the default mode's. On the CPU the mode changes no kernel (it is bitwise repeatable either way),
+    so this checks the wiring, not the repeatability: tests/gpu/test_loss_parity_gpu.py checks that two GPU runs in
+    the mode agree bit for bit."""
     plain, fixed = tmp_path / "plain", tmp_path / "fixed"
     ok(launch(tiny_run(plain, sample_shards, "train.compile=true"), cwd=tmp_path))
     out = ok(launch(tiny_run(fixed, sample_shards, "train.compile=true", "train.deterministic=true"),

@@ -50,3 +50,47 @@ def test_without_autotuning_each_kernel_runs_the_first_config_of_its_list(monkey
     finally:
         flash_attention.set_autotune(previous)
     assert previous is True
+
+
+def test_a_config_too_big_for_the_gpu_gives_way_to_the_next_of_its_list_for_good(monkeypatch):
+    """With autotuning off, an out-of-resources config (a list sized for Hopper on a GPU with less shared memory)
+    is replaced by the next one of its list, remembered, so every later launch on that GPU runs the same."""
+    monkeypatch.setattr(flash_attention, "_forced_configs", {})
+    monkeypatch.setattr(flash_attention, "_first_fitting", {})
+    q = torch.empty(1, 1, 8, 128, dtype=torch.bfloat16)
+    meta = flash_attention._meta(128, causal=True, seq=8)
+    configs = flash_attention._CONFIGS["fwd"]["large_d"]
+    previous = flash_attention.set_autotune(False)
+    try:
+        for index in range(1, len(configs)):
+            assert flash_attention._next_fitting("fwd", (q,), meta) == configs[index]
+            assert flash_attention._fixed_config("fwd", (q,), meta) == configs[index]
+        assert flash_attention._next_fitting("fwd", (q,), meta) is None  # none left: the error goes to the caller
+        assert flash_attention._fixed_config("dq", (q,), meta) == flash_attention._CONFIGS["dq"]["large_d"][0]
+    finally:
+        flash_attention.set_autotune(previous)
+    assert flash_attention._next_fitting("fwd", (q,), meta) is None  # autotuning skips such configs itself
+
+
+def test_train_runs_inside_the_mode_and_leaves_it_on_return_and_on_error(monkeypatch):
+    """The trainer's wiring: train() enters the mode before anything of the run (so before any cuBLAS call) and
+    leaves it however the run ends, so a notebook or test process that trains twice is not left in the mode."""
+    from dist_lm.config import load_config
+    from dist_lm.train import trainer
+
+    seen = []
+
+    def run(cfg):
+        seen.append((torch.are_deterministic_algorithms_enabled(), flash_attention._autotune))
+        if len(seen) == 2:
+            raise RuntimeError("the run failed")
+        return "result"
+
+    monkeypatch.setattr(trainer, "_train", run)
+    on = load_config(None, ["train.deterministic=true"])
+    assert trainer.train(on) == "result"
+    with pytest.raises(RuntimeError, match="the run failed"):
+        trainer.train(on)
+    trainer.train(load_config(None, []))
+    assert seen == [(True, False), (True, False), (False, True)]
+    assert not torch.are_deterministic_algorithms_enabled() and flash_attention._autotune
