@@ -148,33 +148,31 @@ def measure(shape: str, system: str, args) -> dict:
     _free()
     torch.cuda.reset_peak_memory_stats()
     try:
-        with deterministic(system.endswith("-det")):  # compile and steps inside the mode
-            torch.manual_seed(0)
-            step, model = build(system.removesuffix("-det"), cfg, args.compile_mode, args.activation_checkpointing,
-                                not args.no_clip)
-            row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(warmup):
+        torch.manual_seed(0)
+        step, model = build(system, cfg, args.compile_mode, args.activation_checkpointing, not args.no_clip)
+        row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            loss = step(x, y)
+        torch.cuda.synchronize()
+        row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
+        window_ms = []
+        for size in window_sizes(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(size):
                 loss = step(x, y)
+            end.record()
             torch.cuda.synchronize()
-            row["warmup_s"] = time.perf_counter() - t0  # includes compilation (and autotuning) for compiled systems
-            window_ms = []
-            for size in window_sizes(steps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(size):
-                    loss = step(x, y)
-                end.record()
-                torch.cuda.synchronize()
-                window_ms.append(start.elapsed_time(end) / size)
-            ms = statistics.median(window_ms)
-            row.update(step_ms=ms, step_ms_windows=window_ms, tokens_per_s=batch * cfg.seq_len / (ms * 1e-3),
-                       loss=loss.item(), peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
-            row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg) / PEAK_FLOPS
-            if not math.isfinite(row["loss"]):
-                row["error"] = "non-finite loss"
-            del step, model
+            window_ms.append(start.elapsed_time(end) / size)
+        ms = statistics.median(window_ms)
+        row.update(step_ms=ms, step_ms_windows=window_ms, tokens_per_s=batch * cfg.seq_len / (ms * 1e-3),
+                   loss=loss.item(), peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30)
+        row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg) / PEAK_FLOPS
+        if not math.isfinite(row["loss"]):
+            row["error"] = "non-finite loss"
+        del step, model
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
     _free()
@@ -273,7 +271,11 @@ def main() -> None:
     if args.activation_checkpointing and any(s.endswith("-ckpt") for s in systems):
         raise SystemExit("--activation-checkpointing turns checkpointing on in every system, so the -ckpt system "
                          "would be compared with itself; drop one of the two")
-    rows = [measure(shape, system, args) for shape in shapes for system in systems]
+    rows = []
+    for shape in shapes:
+        for system in systems:
+            with deterministic(system.endswith("-det")):  # compile and steps inside the mode
+                rows.append(measure(shape, system, args))
     print_table(rows)
     out = os.environ.get("OUT")
     if out:
