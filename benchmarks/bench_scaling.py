@@ -61,8 +61,11 @@ from scaling_report import _fmt_gib, print_table, versions  # noqa: E402
 from scaling_step import ROW_PREFIX  # noqa: E402
 
 from dist_lm.config import RunConfig, TrainConfig  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES, FSDP_UNITS  # noqa: E402
-from dist_lm.train.trainer import ddp_kwargs  # noqa: E402
+from dist_lm.parallel import (  # noqa: E402
+    COMPILE_MODES,
+    FSDP_UNITS,
+    ddp_kwargs,  # noqa: E402
+)
 
 WORKER = ROOT / "benchmarks" / "scaling_step.py"
 PARTS = ("dist_lm", "hf", "parity", "table")
@@ -447,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp-prefetch", action="store_true", help="dist_lm FSDP2: explicit next-block prefetch")
     p.add_argument("--profile", action="store_true", help="each run profiles 3 steps after timing (GPU/NCCL split)")
     p.add_argument("--grad-sync", choices=("ddp", "coalesced"), default="ddp",
-                   help="dist_lm's 'ddp' rows: torch's DDP (the trainer's), or dist_lm.train.grad_sync (no DDP "
+                   help="dist_lm's 'ddp' rows: torch's DDP (the trainer's), or dist_lm.parallel.grad_sync (no DDP "
                         "module, gradients all-reduced where the backward leaves them; experimental)")
     p.add_argument("--dense-embedding", action="store_true",
                    help="with --grad-sync coalesced: all-reduce the whole embedding gradient, not the rows seen")

@@ -10,7 +10,7 @@ grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), A
   torch.nn.utils.clip_grad_norm_; eager and torch.compile(model). Labels = input ids (HF shifts them
   inside, so its loss covers T-1 positions of the same tokens).
 - dist_lm: TransformerLM(attention_backend="auto", fused_loss=True), dist_lm AdamW(fused=True) over
-  dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.train.parallel.apply_parallelism
+  dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.parallel.apply_parallelism
   for compilation (`--compile-mode model|blocks|cudagraphs`, default the trainer's train.compile_mode,
   `--activation-checkpointing`): what train() runs.
 `--systems ...,ours-compiled-det` adds ours compiled in train.deterministic's mode (dist_lm.train.determinism), to
@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
+from dist_lm.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
 from dist_lm.train.determinism import deterministic  # noqa: E402
 from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import COMPILE_MODES, apply_parallelism  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 # name: (model config kwargs, batch size)
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--quick", action="store_true", help="tinystories only, 10 timed steps, 3 warm-up")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=TrainConfig.compile_mode,
-                        help="dist_lm compile granularity (dist_lm.train.parallel.apply_compile)")
+                        help="dist_lm compile granularity (dist_lm.parallel.apply_compile)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="both systems recompute blocks")
     parser.add_argument("--no-clip", action="store_true", help="skip grad-norm clipping in both systems")
     parser.add_argument("--profile", metavar="SHAPE", choices=tuple(SHAPES), help="profile dist_lm compiled only")

@@ -40,7 +40,7 @@ def accelerate_config(topology: str, *, num_processes: int, port: int, hf: bool 
         if hf:  # Accelerate shards each decoder layer (its auto-wrap), then embeddings, head and root
             fsdp.update(fsdp_auto_wrap_policy="TRANSFORMER_BASED_WRAP",
                         fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer")
-        else:  # dist_lm.train.parallel.apply_fsdp shards the blocks itself (configs/accelerate/fsdp.yaml)
+        else:  # dist_lm.parallel.apply_fsdp shards the blocks itself (configs/accelerate/fsdp.yaml)
             fsdp["fsdp_auto_wrap_policy"] = "NO_WRAP"
         cfg.update(distributed_type="FSDP", fsdp_config=fsdp, main_process_port=port)
     else:

@@ -10,7 +10,7 @@ with, exactly as for the trainer.
 
 Design decisions:
 - dist_lm is built as dist_lm.train.trainer.train() builds it: Accelerator(bf16), TransformerLM, the trainer's own
-  `_fsdp_options` (imported, not re-derived), apply_parallelism, our AdamW(fused=None) on the (possibly sharded)
+  `fsdp_options` (imported, not re-derived), apply_parallelism, our AdamW(fused=None) on the (possibly sharded)
   parameters, then `prepare(model, optimizer)` for DDP / one GPU, or the optimizer wrapped in
   AcceleratedOptimizer under FSDP2.
 - The timed step is a copy of the trainer's inner loop (lr set on the groups, accumulate, backward, unscale, our
@@ -63,23 +63,21 @@ from scaling_profile import profile_summary, sync_device  # noqa: E402
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
-from dist_lm.train.grad_sync import replicate  # noqa: E402
-from dist_lm.train.metrics import flops_per_token  # noqa: E402
-from dist_lm.train.parallel import (  # noqa: E402
+from dist_lm.parallel import (  # noqa: E402
     COMPILE_MODES,
     FSDP_UNITS,
     align_compiled_pieces_with_buckets,
     apply_parallelism,
-)
-from dist_lm.train.trainer import (  # noqa: E402
-    _fsdp_options,
-    _to_device,
     compiled_as,
     configure_ddp,
     cuda_graphs,
     ddp_kwargs,
+    fsdp_options,
     prepare_data_parallel,
+    replicate,
 )
+from dist_lm.train.metrics import flops_per_token  # noqa: E402
+from dist_lm.train.trainer import to_device  # noqa: E402
 
 ROW_PREFIX = "SCALING_ROW "
 # vocabulary of the shipped 10k tokenizer, so that a dry run can read the bundled sample's tokens (--tokens DIR)
@@ -117,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DDP broadcast_buffers=False (dist_lm's only buffers are the fixed RoPE tables)")
     p.add_argument("--grad-sync", choices=("ddp", "coalesced"), default="ddp",
                    help="dist_lm on several processes without FSDP: torch's DDP (the trainer's), or "
-                        "dist_lm.train.grad_sync (no DDP module: the graph compiled in pieces of --bucket-cap-mb, "
+                        "dist_lm.parallel.grad_sync (no DDP module: the graph compiled in pieces of --bucket-cap-mb, "
                         "each group of gradients all-reduced in place as one coalesced call; experimental)")
     p.add_argument("--one-rank-group", action="store_true",
                    help="data parallelism in one process: join a process group of one rank (NCCL on CUDA) so that "
@@ -240,7 +238,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     run_cfg.train.compile_mode = args.compile_mode
     run_cfg.train.batch_size, run_cfg.train.grad_accum_steps = x.shape[0], args.grad_accum
     raw = TransformerLM(cfg)
-    fsdp = _fsdp_options(accelerator, unit=args.fsdp_unit, group_blocks=args.fsdp_group_blocks)
+    fsdp = fsdp_options(accelerator, unit=args.fsdp_unit, group_blocks=args.fsdp_group_blocks)
     if fsdp is not None and args.fsdp_prefetch:
         fsdp = dataclasses.replace(fsdp, explicit_prefetch=True)
     after_ddp = args.compile_after_ddp and fsdp is None and not args.no_compile
@@ -285,7 +283,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     prepared = averager is None and not args.one_rank_group
     forward_context = contextlib.nullcontext if prepared else accelerator.autocast
 
-    # Copied from the trainer's inner loop (dist_lm/train/trainer.py, train()); it has no step function.
+    # The trainer's optimizer_step (dist_lm/train/trainer.py) with the benchmark's knobs; it needs a whole Run.
     graphs = cuda_graphs(run_cfg, accelerator.device, fsdp)
 
     def step() -> torch.Tensor:
@@ -296,7 +294,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
         model.train()
         step_loss = torch.zeros((), device=device)
         for _ in range(args.grad_accum):
-            xb, yb = (_to_device(host_x, device), _to_device(host_y, device)) if args.h2d else (x, y)
+            xb, yb = (to_device(host_x, device), to_device(host_y, device)) if args.h2d else (x, y)
             with accelerator.accumulate(model):
                 if averager is not None:
                     averager.enabled = accelerator.sync_gradients  # all-reduce in this backward or not
@@ -324,7 +322,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
 
 def _coalesced_data_parallel(args, accelerator, raw: torch.nn.Module, run_cfg: RunConfig):
     """(model to call, GradientAverager): what the trainer builds with train.grad_sync=coalesced
-    (dist_lm.train.grad_sync.replicate), with the bucket size DDP would get here."""
+    (dist_lm.parallel.grad_sync.replicate), with the bucket size DDP would get here."""
     ddp_only = [flag for flag, on in (("--compile-after-ddp", args.compile_after_ddp),
                                       ("--static-graph", args.static_graph),
                                       ("--comm-hook", args.comm_hook != "none"),

@@ -175,7 +175,7 @@ class TrainConfig:
     divided by the number of processes as DDP copies it into its bucket, the buckets summed). coalesced
     (experimental): no DDP module; the compiled graph is cut into pieces of train.ddp_bucket_mb of parameters and
     each piece's gradients are all-reduced in place, where the backward left them, as one coalesced call as soon
-    as the piece's backward ends (dist_lm.train.grad_sync): none of DDP's copies of every gradient into a bucket.
+    as the piece's backward ends (dist_lm.parallel.grad_sync): none of DDP's copies of every gradient into a bucket.
     Every parameter must get a gradient in every step (true of TransformerLM). benchmarks/README.md, Scaling,
     compares the two."""
     eval_interval: int = 500

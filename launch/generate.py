@@ -10,7 +10,7 @@ import torch
 from dist_lm.cli import run_main
 from dist_lm.config import config_from_dict
 from dist_lm.errors import UserError
-from dist_lm.model import TransformerLM
+from dist_lm.model import TransformerLM, sample_text
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.train.checkpoint import (
     INFERENCE_KEYS,
@@ -19,7 +19,6 @@ from dist_lm.train.checkpoint import (
     load_model_weights,
     load_state,
 )
-from dist_lm.train.trainer import sample_text
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ torch.Size([1, 4, 64])
 
 
 from dist_lm.model.attention import attention, reference_attention
-from dist_lm.model.generation import KVCache, filter_logits, generate, sample_next
+from dist_lm.model.generation import KVCache, filter_logits, generate, sample_next, sample_text
 from dist_lm.model.transformer import RMSNorm, TransformerBlock, TransformerLM, apply_rope, rope_tables
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "reference_attention",
     "rope_tables",
     "sample_next",
+    "sample_text",
 ]

@@ -163,3 +163,14 @@ def generate(
     finally:
         model.train(was_training)
     return new_ids
+
+
+def sample_text(model: nn.Module, tokenizer, prompt: str, num_tokens: int, *, seed: int,
+                temperature: float = 0.8, top_p: float = 0.95) -> str:
+    """Prompt + a seeded sample of up to `num_tokens` from the model, stopping at the tokenizer's end-of-text
+    (`tokenizer`: a dist_lm.tokenizer.Tokenizer)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = generate(model, tokenizer.encode(prompt), num_tokens, temperature=temperature, top_p=top_p,
+                   eos_id=tokenizer.eot_id, generator=generator, num_valid_ids=tokenizer.vocab_size)
+    return prompt + tokenizer.decode(ids)

@@ -67,12 +67,15 @@ class Throughput:
         self._last_step = step
 
     def measure(self, step: int) -> dict[str, float]:
+        """tokens/s, step time (and MFU where the peak is known) since the last reset; {} if no step ran since."""
         now = time.perf_counter()
         steps = step - self._last_step
+        if steps <= 0:
+            return {}
         elapsed = max(now - self._last_time, 1e-9)
         self.reset(step)
         tokens_per_s = steps * self.tokens_per_step / elapsed
-        out = {"tokens_per_s": tokens_per_s, "step_time_ms": 1000 * elapsed / max(steps, 1)}
+        out = {"tokens_per_s": tokens_per_s, "step_time_ms": 1000 * elapsed / steps}
         if self.peak_total:
             out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_total
         return out

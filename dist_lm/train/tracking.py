@@ -34,6 +34,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_rows([(step, metrics)])
+
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         pass
 
     def log_artifact(self, path: str) -> None:
@@ -94,14 +97,15 @@ class MlflowTracker(NullTracker):
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self._guard("log_batch", self.run_id, [], items[i:i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """(step, metrics) rows in as few log_batch calls as MLflow's limit of 1,000 metrics per call allows."""
         from mlflow.entities import Metric
 
-        if step <= self._logged_up_to:
-            return
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._guard("log_batch", self.run_id, items)
+        items = [Metric(k, float(v), now, step) for step, metrics in rows if step > self._logged_up_to
+                 for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self._guard("log_batch", self.run_id, items[i:i + 1000])
 
     def log_artifact(self, path: str) -> None:
         self._guard("log_artifact", self.run_id, path)

@@ -21,7 +21,7 @@ from dist_lm.kernels.cross_entropy import linear_cross_entropy
 from dist_lm.model import TransformerLM
 from dist_lm.optim import AdamW, param_groups
 from dist_lm.optim.adamw import adamw_step
-from dist_lm.train.parallel import apply_parallelism
+from dist_lm.parallel import apply_parallelism
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:

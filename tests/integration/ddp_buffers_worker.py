@@ -18,8 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_lm.config import RunConfig
-from dist_lm.train.parallel import stop_forward_buffer_sync
-from dist_lm.train.trainer import ddp_kwargs
+from dist_lm.parallel import ddp_kwargs, stop_forward_buffer_sync
 
 
 class Scaled(torch.nn.Module):

@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_lm.train.parallel import use_mean_allreduce
-from dist_lm.train.trainer import configure_ddp
+from dist_lm.parallel import configure_ddp, use_mean_allreduce
 
 
 def model() -> torch.nn.Module:

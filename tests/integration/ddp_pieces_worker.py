@@ -20,8 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_lm.config import ModelConfig
 from dist_lm.model import TransformerLM
-from dist_lm.train.parallel import align_compiled_pieces_with_buckets
-from dist_lm.train.trainer import configure_ddp
+from dist_lm.parallel import align_compiled_pieces_with_buckets, configure_ddp
 
 # 8 blocks of ~0.8 MiB between a 4 MiB embedding and a 4 MiB head (fp32): several pieces at a few MiB a bucket.
 CFG = ModelConfig(vocab_size=8192, seq_len=32, d_model=128, num_layers=8, num_heads=4)

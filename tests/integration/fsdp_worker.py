@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dist_lm.config import ModelConfig, RunConfig
 from dist_lm.model import TransformerLM
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups
+from dist_lm.parallel import FSDPOptions, apply_parallelism
 from dist_lm.train.checkpoint import (
     full_tensor,
     load_checkpoint,
@@ -30,7 +31,6 @@ from dist_lm.train.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
-from dist_lm.train.parallel import FSDPOptions, apply_parallelism
 
 # vocab 67: the embedding and head rows split 34/33 over 2 ranks, so uneven shards are covered too.
 CFG = RunConfig(model=ModelConfig(vocab_size=65, seq_len=16, d_model=32, num_layers=2, num_heads=2))

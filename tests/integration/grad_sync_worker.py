@@ -6,7 +6,7 @@ Each rank starts from its own random weights (rank 0's are broadcast), then runs
 backward: two micro-steps on token ids that differ by rank and step, gradients synchronised on the second only.
 With "sparse" the embedding's gradient is all-reduced as the rows looked up (the averager's token_embedding).
 With "mixed" the last layer is float64, so that one group holds gradients of two dtypes.
-With "split" the model is compiled cut into pieces (dist_lm.train.grad_sync.split_compile) with AOT autograd
+With "split" the model is compiled cut into pieces (dist_lm.parallel.grad_sync.split_compile) with AOT autograd
 and no code generation (so that the backward runs piece by piece, as inductor's would, without a C++ compiler),
 and the averager groups the gradients by those pieces. Every rank writes its weights, gradients, the pieces and
 the sizes of the all-reduces it started, before and after the backward ended.
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from dist_lm.train.grad_sync import GradientAverager, broadcast_parameters, split_compile
+from dist_lm.parallel.grad_sync import GradientAverager, broadcast_parameters, split_compile
 
 BUCKET_MB = 1100 / 2**20  # a 16x16 fp32 weight is 1024 bytes: about one Linear layer per piece
 VOCAB = 64  # embedding rows; the batches use only the first half, so some rows get no gradient anywhere

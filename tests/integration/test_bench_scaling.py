@@ -22,7 +22,7 @@ def dry_run(part: str, results: Path, *extra: str, saved_as: str | None = None) 
 
 def test_ddp_rows_measure_the_trainers_ddp_settings(tmp_path):
     from dist_lm.config import RunConfig
-    from dist_lm.train.trainer import ddp_kwargs
+    from dist_lm.parallel import ddp_kwargs
 
     traces = tmp_path / "traces"
     rows = {r["topology"]: r for r in dry_run("dist_lm", tmp_path, "--topologies", "single,ddp", "--profile",
@@ -77,7 +77,7 @@ def test_parity_noise_runs_measure_two_one_gpu_runs_of_the_same_global_batch(tmp
 
 
 def test_ddp_rows_without_ddp_module_use_the_coalesced_gradient_sync(tmp_path):
-    """--grad-sync coalesced: the 'ddp' row runs dist_lm.train.grad_sync instead of a DDP module (no ddp_seen), the
+    """--grad-sync coalesced: the 'ddp' row runs dist_lm.parallel.grad_sync instead of a DDP module (no ddp_seen), the
     embedding's gradient as the rows of the tokens seen; --tokens sample feeds windows of the bundled sample."""
     (row,) = dry_run("dist_lm", tmp_path, "--topologies", "ddp", "--grad-sync", "coalesced")["rows"]
     assert row["ddp_seen"] is None and row["num_gpus"] == 2 and row["tokens_per_s_per_gpu"] > 0
@@ -129,7 +129,7 @@ def test_one_rank_group_wraps_ddp_as_prepare_would_on_several_processes():
     """scaling_step --one-rank-group with DDP: Accelerate wraps no DDP module around one process, so the benchmark
     wraps it with the trainer's settings, and the row shows that DDP got them."""
     from dist_lm.config import RunConfig
-    from dist_lm.train.trainer import ddp_kwargs
+    from dist_lm.parallel import ddp_kwargs
 
     step = ROOT / "benchmarks" / "scaling_step.py"
     proc = ok(subprocess.run([sys.executable, str(step), "--system", "dist_lm", "--dry-run", "--no-compile",

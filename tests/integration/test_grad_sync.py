@@ -1,4 +1,4 @@
-"""dist_lm.train.grad_sync on gloo processes: after a synchronised backward every rank holds the mean over ranks of
+"""dist_lm.parallel.grad_sync on gloo processes: after a synchronised backward every rank holds the mean over ranks of
 its accumulated gradients, computed where the backward left them (launched in groups as they arrive), with rank
 0's weights; the same through a graph compiled in pieces (split_compile), whose pieces are what lets the groups
 start before the backward ends."""
@@ -69,7 +69,7 @@ def test_every_rank_ends_with_the_mean_of_the_accumulated_gradients(tmp_path, ho
 def test_a_parameter_without_gradient_is_named_not_silently_left_local():
     import torch.distributed as dist
 
-    from dist_lm.train.grad_sync import GradientAverager
+    from dist_lm.parallel.grad_sync import GradientAverager
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -96,7 +96,7 @@ def test_a_parameter_without_gradient_is_named_not_silently_left_local():
 def test_embedding_rows_go_sparse_until_most_rows_are_seen_and_a_missing_note_is_an_error():
     import torch.distributed as dist
 
-    from dist_lm.train.grad_sync import GradientAverager
+    from dist_lm.parallel.grad_sync import GradientAverager
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -9,7 +9,7 @@ from dist_lm.config import ModelConfig, RunConfig
 from dist_lm.errors import UserError
 from dist_lm.model import TransformerLM
 from dist_lm.optim import AdamW, param_groups
-from dist_lm.train.parallel import apply_compile, apply_parallelism
+from dist_lm.parallel import apply_compile, apply_parallelism
 
 
 def _cfg() -> RunConfig:
@@ -65,8 +65,7 @@ def test_the_configured_compile_mode_applies_unless_overridden():
 def test_how_the_trainer_compiles_per_topology():
     """compiled_as names what apply_parallelism does, and cuda_graphs (the loop's cue to mark each step) is true
     exactly when the compiled step replays as CUDA graphs: compiled, cudagraphs mode, no FSDP, a CUDA device."""
-    from dist_lm.train.parallel import FSDPOptions
-    from dist_lm.train.trainer import compiled_as, cuda_graphs
+    from dist_lm.parallel import FSDPOptions, compiled_as, cuda_graphs
 
     cfg, cuda, cpu = _cfg(), torch.device("cuda", 0), torch.device("cpu")
     assert cfg.train.compile_mode == "cudagraphs"  # the default

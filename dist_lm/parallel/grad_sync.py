@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from dist_lm.config import RunConfig
-from dist_lm.train.parallel import apply_activation_checkpointing, apply_compile
+from dist_lm.parallel.activation_checkpointing import apply_activation_checkpointing
+from dist_lm.parallel.compile import apply_compile
 
 
 class GradientAverager:
