@@ -5,8 +5,9 @@ Design decisions:
   knows which kernel runs. Backends: `sdpa` (PyTorch's fused kernels), `reference` (explicit softmax in
   fp32; the oracle the others are tested against), `triton` (dist_lm.kernels.flash_attention, imported
   only when chosen so CPU installs never need Triton), and `auto`.
-- `auto` picks triton for CUDA tensors when it imports, else sdpa, warning once per process and saying
-  why (CPU tensors, or the kernel failed to import), so nobody benchmarks the fallback by mistake.
+- `auto` picks triton for CUDA tensors when it imports, else sdpa, warning once and saying why (CPU
+  tensors, or the kernel failed to import), so nobody benchmarks the fallback by mistake. Only the main
+  rank warns: every rank falls back alike, and N copies of one line bury the log of an N-process run.
 - Causal masking with fewer queries than keys (decoding with a KV cache) aligns the queries to the END of
   the keys: query i sits at key position Tk - Tq + i. SDPA's `is_causal` aligns top-left, so that case
   builds an explicit mask (and needs none when Tq == 1). The Triton kernel aligns the same way itself.
@@ -15,6 +16,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -27,14 +29,23 @@ BACKENDS = ("auto", "triton", "sdpa", "reference")
 _warned: set[str] = set()
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 of the process group, or of the launch (RANK, set by torchrun/accelerate) before the group exists."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _warn_once(message: str) -> None:
     # warnings' own dedup is per call site and is defeated by "always" filters (pytest, notebooks).
-    # Not while dynamo traces: warnings.warn would break the graph (the eager or first uncompiled call says it).
+    # Not while dynamo traces: warnings.warn would break the graph (the eager or first uncompiled call says it);
+    # the rank check stays behind this guard too, so tracing never sees the process group queried.
     if torch.compiler.is_compiling():
         return
     if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        _warned.add(message)  # on the other ranks too: they ask the rank once, then stay silent
+        if _is_main_rank():
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:

@@ -91,3 +91,46 @@ def test_fallback_warning_is_issued_once(monkeypatch):
         attention_module._warn_once("triton unavailable")
     assert len(caught) == 1 and "triton unavailable" in str(caught[0].message)
 
+
+
+@pytest.mark.parametrize(("rank", "warns"), [(None, True), ("0", True), ("1", False)])
+def test_fallback_warning_only_on_the_main_rank(monkeypatch, rank, warns):
+    # Before the process group exists (or without one), RANK from torchrun/accelerate decides.
+    monkeypatch.setattr(attention_module, "_warned", set())
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    q, k, v = qkv()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attention(q, k, v, backend="auto")
+        attention(q, k, v, backend="auto")
+    assert len(caught) == (1 if warns else 0), [str(w.message) for w in caught]
+
+
+def test_fallback_warning_follows_the_process_group_rank(monkeypatch, tmp_path):
+    # An initialised group is the authority: its rank 0 warns even where RANK says otherwise.
+    import torch.distributed as dist
+
+    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setenv("RANK", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            attention_module._warn_once("fallback")
+    finally:
+        dist.destroy_process_group()
+    assert [str(w.message) for w in caught] == ["fallback"]
+
+
+def test_fallback_warning_does_not_break_the_compiled_graph(monkeypatch):
+    # fullgraph=True raises on a graph break; a warning (or a rank query) inside the trace would be one.
+    monkeypatch.setattr(attention_module, "_warned", set())
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend="auto"), fullgraph=True, backend="eager")
+    q, k, v = qkv()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v, backend="sdpa"))
