@@ -227,6 +227,11 @@ def merge_words(
                 pair_words.pop(p, None)
         new_id += 1
         bar.update(1)
+    if len(merges) < num_merges:
+        # Out of pairs before the requested vocab: the work is done, so the bar ends full at what was done
+        # (the summary and the warning say the vocab fell short) instead of stopping at, say, 40%.
+        bar.total = len(merges)
+        bar.refresh()
     bar.close()
     return merges, words, freqs
 

@@ -124,3 +124,11 @@ def test_bad_input(tmp_path):
         train_bpe(good, 300, ["<|end", EOT])
     with pytest.raises(ValueError, match="twice"):
         train_bpe(good, 300, [EOT, EOT])
+
+
+def test_merge_bar_ends_full_when_pairs_run_out(tmp_path, capsys):
+    # 3 merges are possible ("aa", "aaa", " aaa") where 43 were asked: the bar's last frame must read 3/3, 100%.
+    train_bpe(_write(tmp_path, "aaa aaa aaa"), 300, [EOT], num_workers=1, progress=True)
+    frames = [f.strip() for f in capsys.readouterr().err.replace("\n", "\r").split("\r") if f.startswith("merges")]
+    assert frames, "no merge progress bar was drawn"
+    assert "100%" in frames[-1] and "3/3" in frames[-1], frames[-1]
