@@ -17,13 +17,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dist_lm.config import config_from_dict
 from dist_lm.errors import UserError
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.tokenizer.formats import hf_tokenizer_json
-from dist_lm.train.checkpoint import INFERENCE_KEYS, load_model_state, load_state
+from dist_lm.train.checkpoint import INFERENCE_KEYS, load_model_state, load_state, save_tensors
 
 
 def hf_name(name: str) -> str:
@@ -75,7 +74,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer_dir: 
                         "trained with; pass the original tokenizer directory")
     weights = {hf_name(k): v.to(dtype).contiguous() for k, v in load_model_state(checkpoint).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_tensors(weights, out_dir / "model.safetensors")  # group-readable where the umask says so
     config = llama_config(cfg.model, tokenizer.eot_id)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))

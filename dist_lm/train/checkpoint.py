@@ -89,6 +89,33 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Elsewhere the only way is to set it and put it back; another thread creating a file in between would
+    # get mode 0o022's permissions, the common default, for that one file.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """save_file, leaving the file with the mode any new file of the process gets (0o666 minus the umask).
+
+    safetensors 0.8 writes through a temporary file that is created 0600 and renamed into place (safetensors
+    PR #764, issue #782), so without the chmod a checkpoint or export is unreadable to the group the run
+    directory is shared with. Harmless where safetensors already respects the umask.
+    """
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     optimizer_tensors: dict[str, torch.Tensor], state: dict[str, Any], *, keep_last: int = 0) -> Path:
     """Write run_dir/checkpoints/step_<step>/ atomically and prune old checkpoints; returns its path."""
@@ -100,9 +127,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(cpu, tmp / MODEL_FILE, metadata={"format": "pt"})
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in optimizer_tensors.items()},
-              tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
+    save_tensors(cpu, tmp / MODEL_FILE)
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in optimizer_tensors.items()}, tmp / OPTIMIZER_FILE)
     state = {"format_version": FORMAT_VERSION, "step": step, **state}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible

@@ -1,7 +1,9 @@
 """Checkpoints: safetensors round trip, atomic layout, retention, resume resolution, corrupt files."""
 
 import json
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -129,6 +131,23 @@ def test_state_json_has_version_and_no_pickle(tmp_path):
     state = json.loads((path / "state.json").read_text())
     assert state["format_version"] == 1 and state["step"] == 7
     assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits are a POSIX notion")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=oct)
+def test_checkpoint_files_get_the_umask_modes(tmp_path, umask):
+    # A run directory shared with a group must stay readable to it: every file and directory of a checkpoint
+    # gets what the umask gives a new file (0o666 & ~umask) or directory (0o777 & ~umask), no less, no more.
+    model, opt = trained_pair()
+    old = os.umask(umask)
+    try:
+        path = save(tmp_path / "run", 5, model, opt)
+    finally:
+        os.umask(old)
+    dirs = [tmp_path / "run", tmp_path / "run" / CHECKPOINTS, path]
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in [*dirs, *path.iterdir()]}
+    assert modes == {**{p.name: oct(0o777 & ~umask) for p in dirs},
+                     **{f: oct(0o666 & ~umask) for f in ("model.safetensors", "optimizer.safetensors", "state.json")}}
 
 
 def test_rng_state_round_trip_through_json():

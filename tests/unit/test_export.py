@@ -1,5 +1,7 @@
 """Export to transformers: LlamaForCausalLM and AutoTokenizer loaded from the export match ours."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,20 @@ def test_export_refuses_to_overwrite_and_a_wrong_tokenizer(checkpoint, tmp_path)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="not the one"):
         export_to_hf(path, tmp_path / "x", tokenizer_dir=ROOT / "tokenizers" / "gpt2")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits are a POSIX notion")
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=oct)
+def test_export_files_get_the_umask_modes(checkpoint, tmp_path, umask):
+    # An export is made to be shared: model.safetensors must be as readable as config.json, as the umask says.
+    path, _ = checkpoint
+    old = os.umask(umask)
+    try:
+        out = export_to_hf(path, tmp_path / "exports" / "hf")
+    finally:
+        os.umask(old)
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in [tmp_path / "exports", out, *out.iterdir()]}
+    assert modes == {"exports": oct(0o777 & ~umask), "hf": oct(0o777 & ~umask),
+                     **{f: oct(0o666 & ~umask) for f in files}}
