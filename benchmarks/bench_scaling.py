@@ -55,9 +55,18 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import SHAPES  # noqa: E402
-from scaling_configs import BASE_PORT, TOPOLOGIES, accelerate_config, free_port, write_config  # noqa: E402
-from scaling_parity import compare_losses  # noqa: E402
-from scaling_report import _fmt_gib, print_table, versions  # noqa: E402
+from scaling_common import (  # noqa: E402
+    BASE_PORT,
+    TOPOLOGIES,
+    _fmt_gib,
+    accelerate_config,
+    compare_losses,
+    free_port,
+    print_table,
+    profile_line,
+    versions,
+    write_config,
+)
 from scaling_step import ROW_PREFIX  # noqa: E402
 
 from dist_lm.config import RunConfig, TrainConfig  # noqa: E402
@@ -301,19 +310,6 @@ def launch(run: Run, index: int, args: argparse.Namespace, tmp: Path, logs: Path
         row["log_tail"] = tail
         print(f"    FAILED ({row['error']}); last lines of {log}:\n      " + "\n      ".join(tail), flush=True)
     return row
-
-
-def profile_line(prof: dict) -> str:
-    """One rank's profile (scaling_profile.profile_summary) as text: where a step's GPU time went."""
-    if "error" in prof:
-        return f"profile: {prof['error']}"
-    top = "; ".join(f"{name[:48]} {ms:.2f}" for name, ms in prof["top_kernels_ms"][:5])
-    return (f"profile per step: span {prof['span_ms']:.1f} ms, compute {prof['compute_ms']:.1f}, NCCL "
-            f"{prof['nccl_ms']:.1f} ({prof['nccl_kernels_per_step']:.0f} kernels) of which exposed "
-            f"{prof['nccl_exposed_ms']:.1f}, idle {prof['idle_ms']:.1f} | top: {top} | host self-time top: "
-            + "; ".join(f"{name[:40]} {ms:.2f}" for name, ms in prof.get("host_top_ms", [])[:6])
-            + " | last step's NCCL kernels (ms before its end: start-end, exposed): "
-            + ", ".join(f"{a:.2f}-{b:.2f} ({x:.2f})" for a, b, x in prof.get("nccl_last_step_ms_before_end", [])))
 
 
 def execute(runs: list[Run], args: argparse.Namespace, results: Path) -> list[dict]:

@@ -57,8 +57,7 @@ from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import HYPER, PEAK_FLOPS, SHAPES, WEIGHT_DECAY, _hf_model, window_sizes  # noqa: E402
-from scaling_configs import free_port  # noqa: E402
-from scaling_profile import profile_summary, sync_device  # noqa: E402
+from scaling_common import free_port, profile_summary, sync_device  # noqa: E402
 
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
