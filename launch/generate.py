@@ -4,6 +4,7 @@
 
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -33,7 +34,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    path = args.checkpoint
+    path = Path(args.checkpoint)
+    # Said here, before load_state's "has no state.json", which would send a user with a typo looking for a file.
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist; pass a step_* directory or a run directory "
+                                "(e.g. runs/demo)")
+    if not path.is_dir():
+        raise UserError(f"--checkpoint {path} is a file, not a checkpoint directory; pass a step_* directory or "
+                        "a run directory")
     found = list_checkpoints(path)
     if found:  # a run directory: take its latest checkpoint
         path = found[-1]

@@ -95,10 +95,12 @@ def sample_next(
 def _check_args(model: nn.Module, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> None:
     vocab = model.cfg.vocab_size
     if len(prompt_ids) == 0:
-        raise UserError("prompt_ids is empty; pass at least one token id (e.g. the BOS or EOS id)")
+        raise UserError("the prompt is empty (no token ids); start it with some text, or with the end-of-text id "
+                        "for a story from nothing")
     bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
     if bad:
-        raise UserError(f"prompt_ids contains {bad[0]}, outside the model's vocabulary [0, {vocab})")
+        raise UserError(f"the prompt holds token id {bad[0]}, outside the model's vocabulary [0, {vocab}); encode "
+                        "it with the tokenizer the model was trained with")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -169,6 +171,8 @@ def sample_text(model: nn.Module, tokenizer, prompt: str, num_tokens: int, *, se
                 temperature: float = 0.8, top_p: float = 0.95) -> str:
     """Prompt + a seeded sample of up to `num_tokens` from the model, stopping at the tokenizer's end-of-text
     (`tokenizer`: a dist_lm.tokenizer.Tokenizer)."""
+    if not prompt:
+        raise UserError("the prompt is empty; pass some text to continue, e.g. 'Once upon a time'")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = generate(model, tokenizer.encode(prompt), num_tokens, temperature=temperature, top_p=top_p,

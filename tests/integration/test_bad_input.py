@@ -1,10 +1,17 @@
-"""Bad input to launch/train.py: one clear line naming the problem and the fix, exit 2, nothing overwritten."""
+"""Bad input to launch/train.py, generate.py and export_hf.py: one clear line naming the problem and the fix,
+exit 2, nothing overwritten."""
 
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import ROOT, launch, ok, tiny_run
+import pytest
+from conftest import ROOT, TOKENIZER, checkout_env, launch, ok, tiny_run
 
-from dist_lm.tokenizer import Tokenizer, train_bpe
+from dist_lm.config import ModelConfig, RunConfig, config_to_dict
+from dist_lm.model import TransformerLM
+from dist_lm.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from dist_lm.train.checkpoint import save_checkpoint
 
 
 def one_line_error(proc, *fragments: str, status: int = 2) -> str:
@@ -82,3 +89,39 @@ def test_resume_with_another_model_shape(tmp_path, sample_shards):
     proc = launch(tiny_run(run, sample_shards, "train.resume=latest", "model.d_model=64"), cwd=tmp_path,
                   accelerate_config=None)
     one_line_error(proc, "model.d_model=32", "same model config")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory with one checkpoint of a tiny model, saved in-process (no training needed)."""
+    cfg = RunConfig(model=ModelConfig(vocab_size=7040, seq_len=32, d_model=32, num_layers=1, num_heads=2))
+    cfg.data.tokenizer_dir = str(TOKENIZER)
+    run = tmp_path_factory.mktemp("gen") / "run"
+    state = {"config": config_to_dict(cfg), "tokenizer_fingerprint": load_tokenizer(TOKENIZER).fingerprint()}
+    save_checkpoint(run, 3, TransformerLM(cfg.model).state_dict(), {}, state)
+    return run
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / name), *args], cwd=cwd, env=checkout_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["generate.py", "export_hf.py"])
+def test_missing_or_file_checkpoint(tmp_path, run_dir, name):
+    out = ["--out", str(tmp_path / "hf")] if name == "export_hf.py" else []
+    proc = script(name, "--checkpoint", str(tmp_path / "nope"), *out, cwd=tmp_path)
+    one_line_error(proc, f"--checkpoint {tmp_path / 'nope'} does not exist", "run directory")
+    a_file = run_dir / "checkpoints" / "step_0000003" / "state.json"
+    proc = script(name, "--checkpoint", str(a_file), *out, cwd=tmp_path)
+    one_line_error(proc, "state.json is a file", "step_* directory")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_generate_speaks_of_the_prompt(tmp_path, run_dir):
+    proc = script("generate.py", "--checkpoint", str(run_dir), "--prompt", "", cwd=tmp_path)
+    assert "prompt_ids" not in proc.stderr
+    one_line_error(proc, "the prompt is empty", "Once upon a time")
+    proc = ok(script("generate.py", "--checkpoint", str(run_dir), "--prompt", "Once upon a time",
+                     "--max-new-tokens", "5", cwd=tmp_path))  # the same checkpoint works with a prompt
+    assert proc.stdout.startswith("Once upon a time")

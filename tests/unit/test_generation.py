@@ -1,12 +1,17 @@
 """generate(): the KV cache changes nothing, filters give known answers, eos and the window are honoured."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from dist_lm.config import ModelConfig
-from dist_lm.model import KVCache, TransformerLM, filter_logits, generate
+from dist_lm.errors import UserError
+from dist_lm.model import KVCache, TransformerLM, filter_logits, generate, sample_text
+from dist_lm.tokenizer import load_tokenizer
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizers" / "tinystories-10k"
 
 NEG_INF = float("-inf")
 
@@ -105,9 +110,10 @@ def test_top_k_then_top_p_on_a_batch():
 
 
 def test_bad_arguments_are_rejected(model):
-    with pytest.raises(ValueError, match="empty"):
+    # The prompt errors reach users of launch/generate.py: they speak of the prompt, not of an argument name.
+    with pytest.raises(UserError, match="^the prompt is empty"):
         generate(model, [], 3)
-    with pytest.raises(ValueError, match="61"):
+    with pytest.raises(UserError, match="^the prompt holds token id 61, outside .*\\[0, 61\\)"):
         generate(model, [61], 3)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [1], 3, temperature=-1)
@@ -124,3 +130,15 @@ def test_cache_overflow_is_an_error():
     cache.advance(3)
     with pytest.raises(ValueError, match="4 positions"):
         cache.update(0, kv, kv)
+
+
+def test_sample_text_continues_the_prompt_and_refuses_an_empty_one():
+    tokenizer = load_tokenizer(TOKENIZER)
+    torch.manual_seed(0)
+    lm = TransformerLM(ModelConfig(vocab_size=7040, seq_len=32, d_model=32, num_layers=1, num_heads=2,
+                                   attention_backend="sdpa")).eval()
+    text = sample_text(lm, tokenizer, "Once upon a time", 5, seed=0)
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+    assert text == sample_text(lm, tokenizer, "Once upon a time", 5, seed=0)  # seeded: the same story
+    with pytest.raises(UserError, match="^the prompt is empty; pass some text"):
+        sample_text(lm, tokenizer, "", 5, seed=0)
