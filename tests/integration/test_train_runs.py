@@ -1,5 +1,6 @@
 """Whole runs through `accelerate launch`: the demo path, DDP over gloo, accumulation, exact resume."""
 
+import json
 import math
 import re
 import shutil
@@ -178,3 +179,27 @@ def test_coalesced_two_process_run_resumes_where_it_stopped(tmp_path, sample_sha
     assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 7))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-6, (a, b)
     assert max(abs(a[s] - c[s]) for s in range(4, 7)) < 1e-4, (a, c)
+
+
+def test_the_loop_logs_each_step_once_and_shows_the_start_loss(tmp_path, sample_shards):
+    """What a user reads: the first step's line (the start loss, no tokens/s: its time is start-up), then a line
+    every log interval, each eval and checkpoint in order; metrics.jsonl holds every step's loss once and the
+    interval's other metrics on its last step's row."""
+    run = tmp_path / "run"
+    out = ok(launch(tiny_run(run, sample_shards, "train.max_steps=6", "train.log_interval=4"), cwd=tmp_path)).stdout
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    kinds = [(line.split("|")[0].strip(), line.split("|")[1].split()[0]) for line in lines]
+    assert kinds == [("step      1/6", "loss"), ("step      3/6", "loss"), ("step      3/6", "val"),
+                     ("step      3/6", "saved"), ("step      4/6", "loss"), ("step      6/6", "loss"),
+                     ("step      6/6", "val"), ("step      6/6", "saved")], lines
+    assert "tok/s" not in lines[0] and all("tok/s" in lines[i] for i in (1, 4, 5)), lines
+    assert re.match(r"step +1/6 \| loss (\d+\.\d+) \|", lines[0])
+    start = float(re.match(r"step +1/6 \| loss (\d+\.\d+) \|", lines[0]).group(1))
+    assert abs(start - math.log(10000)) < 1.0  # the demo's start loss, near ln(vocab)
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert loss_steps == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "train/lr" in r] == [1, 3, 4, 6]
+    assert [r["step"] for r in rows if "perf/tokens_per_s" in r] == [3, 4, 6]
+    assert [r["step"] for r in rows if "val/loss" in r] == [3, 6]
