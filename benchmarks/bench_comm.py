@@ -1,6 +1,6 @@
 """Collective bandwidth between the GPUs of one host: what the data-parallel step has to hide.
 
-usage: python benchmarks/bench_comm.py [--sizes-mb 25,134,536] [--gpus N] [--overlap] (2+ CUDA GPUs)
+usage: python benchmarks/bench_comm.py [--sizes-mb 25,134,536] [--gpus N] [--overlap] [--save PATH] (2+ CUDA GPUs)
        python benchmarks/bench_comm.py --dry-run [--overlap]                      (CPU, gloo, to check the script)
 
 Prints, per collective (all-reduce, all-gather, reduce-scatter) and message size, the time and the bus bandwidth
@@ -16,6 +16,9 @@ high-priority NCCL stream, and cuBLAS told to leave SMs free (torch's SM carveou
 cuBLASLt path only: those rows send the matmuls through cuBLASLt, beside a cuBLASLt row without carveout). The
 chain's slowdown, as a share of the all-reduce's own time, is the part of an overlapped all-reduce that overlap
 does not hide.
+
+`--save PATH` writes the results file (benchmarks/render.py's format). A new run updates the README: on the device
+`--save $OUT/comm.json`, copy it over benchmarks/results/comm.json, then `python benchmarks/render.py`.
 
 Design decisions:
 - One process per GPU through torch.multiprocessing (spawn), NCCL; NVLink multicast forced off (KINDS.md) in the
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overlap", action="store_true",
                    help="also time a matmul chain beside an all-reduce, per NCCL/cuBLAS setting (module docstring)")
     p.add_argument("--overlap-mb", type=float, default=128.0, help="--overlap: the all-reduce's size in MiB")
+    p.add_argument("--save", type=Path, default=None, help="also write the results file here")
     args = p.parse_args(argv)
     sizes = [1.0] if args.dry_run else [float(s) for s in args.sizes_mb.split(",") if s]
     world = 2 if args.dry_run else (args.gpus or torch.cuda.device_count())
@@ -231,7 +235,34 @@ def main(argv: list[str] | None = None) -> None:
             slowdown = r["chain_beside_ms"] - r["chain_ms"]
             print(f"| {r['setting']} | {r['all_reduce_ms']:.3f} | {r['chain_ms']:.3f} | {r['chain_beside_ms']:.3f} | "
                   f"{slowdown:+.3f} | {slowdown / r['all_reduce_ms']:.0%} |")
+    if args.save:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from render import command_line, write_results
+
+        tables, notes = {"comm": results_rows(rows)}, ["Bus bandwidth in nccl-tests' convention."]
+        if overlap:
+            tables["comm_overlap"] = overlap_rows(overlap)
+            notes.append(f"Overlap: a matmul chain beside one fp32 all-reduce of {overlap_mb:g} MiB.")
+        write_results(args.save, title="Collectives between GPUs of one host",
+                      hardware={"cpu": "2 CPU processes (gloo)"} if args.dry_run else
+                      {"gpu": torch.cuda.get_device_name(0), "gpu_count": world,
+                       "note": "transport " + ", ".join(_transports(logs))},
+                      versions={"torch": torch.__version__, "NCCL": _nccl_version()},
+                      commands=[command_line("benchmarks/bench_comm.py")], tables=tables, notes=notes)
+        print(f"wrote {args.save}")
     sys.stdout.flush()
+
+
+def results_rows(rows: list[list[str]]) -> list[dict]:
+    """The workers' (collective, dtype, bytes, seconds, bus bytes/s) rows -> the results file's "comm" rows."""
+    return [{"collective": name, "dtype": dtype, "mib": int(nbytes) / 2**20, "ms": float(seconds) * 1e3,
+             "busbw_gbs": float(busbw) / 1e9} for name, dtype, nbytes, seconds, busbw in rows]
+
+
+def overlap_rows(overlap: list[dict]) -> list[dict]:
+    """--overlap's rows -> the results file's "comm_overlap" rows (the slowdown and its share of the all-reduce)."""
+    return [{**r, "slowdown_ms": r["chain_beside_ms"] - r["chain_ms"],
+             "share": (r["chain_beside_ms"] - r["chain_ms"]) / r["all_reduce_ms"]} for r in overlap]
 
 
 def _nccl_version() -> str:

@@ -10,6 +10,12 @@ warm device between calls), so the last command prints the whole comparison; `--
 Rows go to <results-dir>/bench_scaling_<part>[_<tag>].json and to $OUT when set. `--dry-run` checks it all on
 the CPU (gloo, a tiny shape, no compile).
 
+`--save PATH` (with any part, `--part table` included) writes what the table shows as a results file
+(benchmarks/render.py's format: the scaling rows of every part in --results-dir, their loss-parity rows, the
+targets). A new measurement updates the README: `--part table --save $OUT/scaling.json` on the device after the
+parts, copy it over benchmarks/results/scaling.json (scaling_parity.json for a parity part, ...), then
+`python benchmarks/render.py`.
+
 Design decisions:
 - Every configuration is its own `accelerate launch` of benchmarks/scaling_step.py (the worker), with an explicit
   --config_file generated per run: a fresh process per row, so no compiled graph, allocator state or process
@@ -55,6 +61,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train import SHAPES  # noqa: E402
+from render import command_line, write_results  # noqa: E402
 from scaling_common import (  # noqa: E402
     BASE_PORT,
     TOPOLOGIES,
@@ -64,6 +71,7 @@ from scaling_common import (  # noqa: E402
     free_port,
     print_table,
     profile_line,
+    results,
     versions,
     write_config,
 )
@@ -471,6 +479,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "of N x B (accumulation 1), each against the first 1-GPU run (--topologies single: only "
                         "those, on one GPU)")
     p.add_argument("--tag", default="", help="suffix of the results file, for variants (e.g. ddp_knobs)")
+    p.add_argument("--save", type=Path, default=None,
+                   help="also write the table (every part in --results-dir) as a benchmarks/results/ file")
+    p.add_argument("--title", default="Weak scaling and loss parity", help="the --save file's title")
     p.add_argument("--results-dir", type=Path, default=ROOT / "runs" / "bench_scaling",
                    help="where parts, logs and parity run dirs go (a temp dir with --dry-run)")
     p.add_argument("--budget-s", type=float, default=450, help="stop starting runs past this many seconds")
@@ -501,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         if not parts:
             raise SystemExit(f"no bench_scaling_*.json in {results}; run a part first")
         print_table(parts)
+        save_results(args, parts)
         return
     results.mkdir(parents=True, exist_ok=True)
     gpu_count, gpu = _gpus()
@@ -519,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": versions(), "gpu": gpu, "gpu_count": gpu_count, "host": platform.node(),
-            "args": {k: str(v) for k, v in vars(args).items()}}
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "command": command_line("benchmarks/bench_scaling.py", argv)}
     noise = "_noise" if args.part == "parity" and args.parity_noise else ""  # kept beside a plain parity part's file
     name = args.part + noise + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
     t0 = time.perf_counter()
@@ -541,8 +554,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:  # a dry run's table shows only itself, never mixed with real measurements
         parts = {name: data}
     print_table(parts)
+    save_results(args, parts)
     if any("error" in r for r in data["rows"]):
         sys.exit(1)
+
+
+def save_results(args: argparse.Namespace, parts: dict[str, dict]) -> None:
+    """--save: the parts as one results file (benchmarks/render.py), what the table printed above shows."""
+    if args.save:
+        write_results(args.save, title=args.title, **results(parts))
+        print(f"wrote {args.save}")
 
 
 def sample_tokens(out: Path) -> Path:

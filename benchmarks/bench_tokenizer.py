@@ -1,6 +1,6 @@
 """Tokenizer benchmark: dist_lm vs Hugging Face `tokenizers` (training) and tiktoken (encoding), same process.
 
-    python benchmarks/bench_tokenizer.py [--repeat 3]
+    python benchmarks/bench_tokenizer.py [--repeat 3] [--save benchmarks/results/tokenizer.json]
 
 Prints, on the bundled TinyStories sample and on tests/fixtures/corpus.en:
 - training time of ours (1 and 2 workers, split into pre-tokenization and merges) and of HF's
@@ -12,6 +12,10 @@ Prints, on the bundled TinyStories sample and on tests/fixtures/corpus.en:
   lookup, the rest run the merge loop), cache lookups;
 - peak memory growth of `encode_iterable` over a file 1x and 10x the sample (fresh subprocess each).
 Times are the best of `--repeat` runs, to damp noise from other work on a shared machine.
+The tables are printed as benchmarks/README.md shows them. `--save PATH` also writes the results file
+(benchmarks/render.py's format, with the targets checked); saved over benchmarks/results/tokenizer.json, a run
+updates the README's tables through `python benchmarks/render.py`. Name the machine with `--machine` (the CPU
+model is not portable to read from Python).
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from pathlib import Path
 import regex
 import tiktoken
 
-import tokenizers
 from dist_lm.tokenizer import Tokenizer, load_tokenizer
 from dist_lm.tokenizer.formats import CHAR_TO_BYTE
 from dist_lm.tokenizer.pretokenize import PRETOKEN_RE
 from dist_lm.tokenizer.train import train_bpe_with_stats
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from render import command_line, package_versions, table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "dist_lm" / "data" / "samples" / "tinystories_sample.txt"
@@ -66,7 +72,7 @@ def hf_train(path: Path, vocab_size: int) -> HFTokenizer:
     return tok
 
 
-def bench_training(path: Path, vocab_size: int, repeat: int) -> list[str]:
+def bench_training(path: Path, vocab_size: int, repeat: int) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     n_bytes = len(text.encode("utf-8"))
     rows = []
@@ -77,12 +83,11 @@ def bench_training(path: Path, vocab_size: int, repeat: int) -> list[str]:
                 for _ in range(repeat)]
         stats = min((r[2] for r in runs), key=lambda s: s.pretokenize_s + s.merge_s)
         total = stats.pretokenize_s + stats.merge_s
-        rows.append(
-            f"| {path.name} | ours, {workers} worker(s) | {total:.3f} s (pre-tok {stats.pretokenize_s:.3f} + "
-            f"merges {stats.merge_s:.3f}) | {total / t_hf:.2f}x | {stats.vocab_size} | {stats.bytes_per_token:.3f} |"
-        )
-    rows.append(f"| {path.name} | HF tokenizers BpeTrainer | {t_hf:.3f} s | 1.00x | {hf.get_vocab_size()} "
-                f"| {hf_bpt:.3f} |")
+        rows.append({"corpus": path.name, "trainer": f"ours, {workers} worker(s)", "time_s": total,
+                     "pretokenize_s": stats.pretokenize_s, "merges_s": stats.merge_s, "vs_hf": total / t_hf,
+                     "vocab": stats.vocab_size, "bytes_per_token": stats.bytes_per_token})
+    rows.append({"corpus": path.name, "trainer": "HF tokenizers BpeTrainer", "time_s": t_hf, "vs_hf": 1.0,
+                 "vocab": hf.get_vocab_size(), "bytes_per_token": hf_bpt})
     return rows
 
 
@@ -94,7 +99,7 @@ def tiktoken_gpt2() -> tiktoken.Encoding:
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: raw[EOT]})
 
 
-def bench_encode(path: Path, repeat: int, num_workers: int) -> list[str]:
+def bench_encode(path: Path, repeat: int, num_workers: int) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     mb = len(text.encode("utf-8")) / 1e6
     docs = text.split(EOT) if EOT in text else text.splitlines(keepends=True)
@@ -131,10 +136,10 @@ def bench_encode(path: Path, repeat: int, num_workers: int) -> list[str]:
         ("tiktoken, 1 thread (GPT-2)", t_tik),
         ("HF tokenizers encode (GPT-2 tokenizer.json)", t_hf),
     ]
-    return [f"| {path.name} | {name} | {mb / t:.2f} | {t_tik / t:.2f}x |" for name, t in rows]
+    return [{"corpus": path.name, "encoder": name, "mb_per_s": mb / t, "vs_tiktoken": t_tik / t} for name, t in rows]
 
 
-def cold_split(path: Path, repeat: int) -> str:
+def cold_split(path: Path, repeat: int) -> dict:
     """One row: a cold encode's time split into its phases (best of `repeat` each, fresh tokenizer per run)."""
     text = path.read_text(encoding="utf-8")
     gpt2_files = (GPT2_DIR / "gpt2_vocab.json", GPT2_DIR / "gpt2_merges.txt", [EOT])
@@ -160,9 +165,9 @@ def cold_split(path: Path, repeat: int) -> str:
         tok.encode(text)
         times["total"] = time.perf_counter() - t
         best = {k: min(best.get(k, float("inf")), v) for k, v in times.items()}
-    ms = {k: f"{v * 1e3:.1f} ms" for k, v in best.items()}
-    return (f"| {path.name} | {ms['regex']} | {ms['bpe']} ({len(distinct):,} distinct) | {ms['lookup']} "
-            f"| {ms['total']} |")
+    ms = {k: v * 1e3 for k, v in best.items()}
+    return {"corpus": path.name, "regex_ms": ms["regex"], "bpe_ms": ms["bpe"], "distinct": len(distinct),
+            "lookup_ms": ms["lookup"], "total_ms": ms["total"]}
 
 
 # RSS high-water mark can hide growth behind the loading peak, so the child also reports tracemalloc's
@@ -183,7 +188,7 @@ print(n, (peak - base) / 1024, peak_py / 2**20)
 """
 
 
-def bench_memory(repeats: tuple[int, ...] = (1, 10)) -> list[str]:
+def bench_memory(repeats: tuple[int, ...] = (1, 10)) -> list[dict]:
     rows = []
     sample = SAMPLE.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as d:
@@ -193,9 +198,28 @@ def bench_memory(repeats: tuple[int, ...] = (1, 10)) -> list[str]:
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(SHIPPED), str(path)], env=env,
                                  capture_output=True, text=True, check=True).stdout.split()
-            rows.append(f"| encode_iterable, sample x{k} ({path.stat().st_size / 1e6:.0f} MB, {int(out[0]):,} ids) "
-                        f"| {float(out[1]):.1f} MB | {float(out[2]):.1f} MB |")
+            rows.append({"input": f"encode_iterable, sample x{k}", "mb": path.stat().st_size / 1e6, "ids": int(out[0]),
+                         "rss_growth_mb": float(out[1]), "python_peak_mb": float(out[2])})
     return rows
+
+
+def targets(training: list[dict], encoding: list[dict], memory: list[dict]) -> list[dict]:
+    """The issue's targets, checked against the rows."""
+    train_x = [r["vs_hf"] for r in training if r["trainer"].startswith("ours")]
+    ours = [r for r in encoding if r["encoder"].startswith("ours")]
+    hf = {r["corpus"]: r["mb_per_s"] for r in encoding if r["encoder"].startswith("HF")}
+    enc_x = [r["vs_tiktoken"] for r in ours]
+    hf_x = [r["vs_tiktoken"] for r in encoding if r["encoder"].startswith("HF")]
+    mem = max(max(r["rss_growth_mb"], r["python_peak_mb"]) for r in memory)
+    return [
+        {"target": "training time ≤10x HF tokenizers", "result": f"{min(train_x):.2f}x-{max(train_x):.2f}x",
+         "met": max(train_x) <= 10},
+        {"target": "encode ≥0.25x tiktoken and never below HF tokenizers",
+         "result": f"ours {min(enc_x):.2f}x-{max(enc_x):.2f}x, HF tokenizers {min(hf_x):.2f}x-{max(hf_x):.2f}x",
+         "met": min(enc_x) >= 0.25 and all(r["mb_per_s"] >= hf[r["corpus"]] for r in ours)},
+        {"target": "encode_iterable memory ≤100 MB", "result": f"at most {mem:.1f} MB (RSS growth or Python "
+         "allocations) at 1x and 10x the sample", "met": mem <= 100},
+    ]
 
 
 def main() -> None:
@@ -203,28 +227,40 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--vocab-size", type=int, default=10000)
     p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--save", type=Path, default=None, help="also write the results file here (benchmarks/results/)")
+    p.add_argument("--machine", default="", help="what the machine is, for the results file (e.g. the CPU model)")
     args = p.parse_args()
     # "stopped at vocab N": expected on these small corpora, and the table shows the vocab reached.
     logging.getLogger("dist_lm.tokenizer.train").setLevel(logging.ERROR)
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, {platform.system()}; "
-          f"python {platform.python_version()}, regex {regex.__version__}, tokenizers {tokenizers.__version__}, "
-          f"tiktoken {tiktoken.__version__}")
-    print(f"\n### Training (vocab {args.vocab_size} asked, specials [{EOT}], best of {args.repeat})\n")
-    print("| corpus | trainer | time | vs HF | vocab | bytes/token |\n|---|---|---|---|---|---|")
-    for path in (SAMPLE, CORPUS_EN):
-        print("\n".join(bench_training(path, args.vocab_size, args.repeat)))
-    print(f"\n### Encoding (best of {args.repeat})\n")
-    print("| corpus | encoder | MB/s | vs tiktoken |\n|---|---|---|---|")
-    for path in (SAMPLE, CORPUS_EN):
-        print("\n".join(bench_encode(path, args.repeat, args.num_workers)))
-    print(f"\n### Cold encode time split (GPT-2, best of {args.repeat} per phase)\n")
-    print("| corpus | regex | BPE of distinct pre-tokens | cache lookups | whole cold encode |\n|---|---|---|---|---|")
-    for path in (SAMPLE, CORPUS_EN):
-        print(cold_split(path, args.repeat))
-    print("\n### encode_iterable peak RSS growth (tinystories-10k, file lines)\n")
-    print("| input | peak RSS growth | peak Python allocations (tracemalloc) |\n|---|---|---|")
-    print("\n".join(bench_memory()))
+    machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, {platform.system()}"
+    versions = {"python": platform.python_version(), "regex": regex.__version__,
+                **package_versions("tokenizers", "tiktoken")}
+    print(f"machine: {machine}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    tables = {}
+    sections = (("tokenizer_training", f"Training (vocab {args.vocab_size} asked, specials [{EOT}], best of "
+                 f"{args.repeat})", lambda: [r for path in (SAMPLE, CORPUS_EN)
+                                             for r in bench_training(path, args.vocab_size, args.repeat)]),
+                ("tokenizer_encoding", f"Encoding (best of {args.repeat})",
+                 lambda: [r for path in (SAMPLE, CORPUS_EN)
+                          for r in bench_encode(path, args.repeat, args.num_workers)]),
+                ("tokenizer_cold_split", f"Cold encode time split (GPT-2, best of {args.repeat} per phase)",
+                 lambda: [cold_split(path, args.repeat) for path in (SAMPLE, CORPUS_EN)]),
+                ("tokenizer_memory", "encode_iterable peak RSS growth (tinystories-10k, file lines)", bench_memory))
+    for kind, caption, run in sections:
+        tables[kind] = run()
+        print(f"\n### {caption}\n")
+        print("\n".join(table(kind, tables[kind])))
+    checked = targets(tables["tokenizer_training"], tables["tokenizer_encoding"], tables["tokenizer_memory"])
+    print()
+    for t in checked:
+        print(f"{t['target']}: {t['result']} -> {'met' if t['met'] else 'NOT met'}")
+    if args.save:
+        write_results(args.save, title="Tokenizer: dist_lm vs HF tokenizers (training) and tiktoken (encoding)",
+                      hardware={"cpu": args.machine or machine}, versions=versions,
+                      commands=[command_line("benchmarks/bench_tokenizer.py")], tables=tables, targets=checked,
+                      notes=[f"Vocab {args.vocab_size} asked, specials [{EOT}]; every row the best of {args.repeat}."])
+        print(f"wrote {args.save}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Training-step throughput: dist_lm (the trainer's code path) vs Hugging Face LlamaForCausalLM, eager and compiled.
 
-Run on one CUDA GPU: `python benchmarks/bench_train.py [--shapes 124m,tinystories] [--systems ...] [--quick]`
-(writes $OUT/bench_train_<shapes>.json when OUT is set). `--profile SHAPE` instead profiles a few steps of
-dist_lm compiled and prints the top-15 CUDA kernels by total time.
+Run on one CUDA GPU: `python benchmarks/bench_train.py [--shapes 124m,tinystories] [--systems ...] [--quick]
+[--save PATH]` (writes $OUT/bench_train_<shapes>.json, every raw figure, when OUT is set). `--profile SHAPE`
+instead profiles a few steps of dist_lm compiled and prints the top-15 CUDA kernels by total time.
 
 What one step is, for both systems: bf16 autocast over fp32 parameters, forward + loss, backward, global
 grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), AdamW, zero_grad(set_to_none).
@@ -21,6 +21,10 @@ Measured: compile/warm-up wall time (the first `--warmup` steps, synchronised), 
 two CUDA events: step time, tokens/s, MFU = tokens/s * dist_lm.train.metrics.flops_per_token / 989e12
 (H100 dense bf16; the same formula and ModelConfig for HF), and peak torch.cuda.max_memory_allocated
 (reset before each system is built; models freed and dynamo reset between systems).
+
+`--save PATH` writes the results file (benchmarks/render.py's format, the targets checked). A new run updates the
+README: on the device `--save $OUT/train.json` (train_deterministic.json for the -det comparison, train_seed.json
+for the seed shapes), copy it over the file of that name in benchmarks/results/, then `python benchmarks/render.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from render import command_line, package_versions, write_results  # noqa: E402
+
 from dist_lm.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dist_lm.model import TransformerLM  # noqa: E402
 from dist_lm.optim import AdamW, clip_grad_norm, param_groups  # noqa: E402
@@ -214,6 +221,60 @@ def print_table(rows: list[dict]) -> None:
                   f"{r['peak_mem_GiB']:.2f} GiB ({r['peak_mem_GiB'] / base['peak_mem_GiB']:.2f}x)")
 
 
+# The issue's targets ("Fast on one H100"): dist_lm compiled against HF compiled, tokens/s, per shape.
+TARGETS = {"124m": 1.15, "tinystories": 1.2}
+
+
+def results_rows(rows: list[dict]) -> list[dict]:
+    """bench rows -> the results file's "train" rows: ratios against HF compiled of the same shape, and for a
+    deterministic-mode system its step time against the mean of the same shape's ours-compiled rows.
+
+    >>> rows = [{"shape": "124m", "system": "hf-compiled", "tokens_per_s": 400e3, "step_ms": 40.0, "mfu": 0.3,
+    ...          "peak_mem_GiB": 9.9, "warmup_s": 20.0, "batch": 16},
+    ...         {"shape": "124m", "system": "ours-compiled", "tokens_per_s": 500e3, "step_ms": 32.0, "mfu": 0.36,
+    ...          "peak_mem_GiB": 8.5, "warmup_s": 21.0, "batch": 16},
+    ...         {"shape": "124m", "system": "ours-compiled-det", "tokens_per_s": 480e3, "step_ms": 33.6, "mfu": 0.35,
+    ...          "peak_mem_GiB": 8.5, "warmup_s": 25.0, "batch": 16},
+    ...         {"shape": "124m", "system": "ours-eager", "error": "OOM", "batch": 16}]
+    >>> for r in results_rows(rows):
+    ...     print(r["system"], r.get("vs_hf_compiled"), round(r.get("vs_default", 0), 4), r.get("error"))
+    hf-compiled 1.0 0 None
+    ours-compiled 1.25 0 None
+    ours-compiled-det 1.2 0.05 None
+    ours-eager None 0 OOM
+    """
+    out = []
+    for r in rows:
+        row = {"shape": r["shape"], "system": r["system"]}
+        if "step_ms" not in r:
+            out.append({**row, "error": r.get("error", "?")})
+            continue
+        row.update(tokens_per_s=r["tokens_per_s"], mfu=r["mfu"], step_ms=r["step_ms"])
+        ref = next((q for q in rows if q["shape"] == r["shape"] and q["system"] == "hf-compiled" and "step_ms" in q),
+                   None)
+        if ref is not None:
+            row["vs_hf_compiled"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        default = [q["step_ms"] for q in rows if q["shape"] == r["shape"] and q["system"] == "ours-compiled"
+                   and "step_ms" in q]
+        if r["system"].endswith("-det") and default:
+            row["vs_default"] = r["step_ms"] / statistics.mean(default) - 1
+        row.update(peak_mem_GiB=r["peak_mem_GiB"], warmup_s=r["warmup_s"])
+        out.append(row)
+    return out
+
+
+def target_rows(table: list[dict]) -> list[dict]:
+    """TARGETS, for each shape of the table where both ours-compiled and hf-compiled ran."""
+    out = []
+    for shape, need in TARGETS.items():
+        ours = next((r for r in table if r["shape"] == shape and r["system"] == "ours-compiled"
+                     and "vs_hf_compiled" in r), None)
+        if ours is not None:
+            out.append({"target": f"≥{need}x HF compiled at {shape}", "result": f"{ours['vs_hf_compiled']:.2f}x",
+                        "met": ours["vs_hf_compiled"] >= need})
+    return out
+
+
 def profile(shape: str, args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -254,6 +315,9 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="both systems recompute blocks")
     parser.add_argument("--no-clip", action="store_true", help="skip grad-norm clipping in both systems")
     parser.add_argument("--profile", metavar="SHAPE", choices=tuple(SHAPES), help="profile dist_lm compiled only")
+    parser.add_argument("--save", type=Path, default=None, help="also write the results file here")
+    parser.add_argument("--title", default="Training step: dist_lm vs HF Llama, one GPU",
+                        help="the results file's title (--save)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train needs a CUDA device")
@@ -277,6 +341,14 @@ def main() -> None:
             with deterministic(system.endswith("-det")):  # compile and steps inside the mode
                 rows.append(measure(shape, system, args))
     print_table(rows)
+    if args.save:
+        table = results_rows(rows)
+        write_results(args.save, title=args.title,
+                      hardware={"gpu": torch.cuda.get_device_name(), "gpu_count": 1},
+                      versions=package_versions("torch", "triton", "transformers"),
+                      commands=[command_line("benchmarks/bench_train.py")], tables={"train": table},
+                      targets=target_rows(table))
+        print(f"wrote {args.save}")
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from render import table
 
 # -------------------------------------------------------------------------------------------------------------------
 # Launcher configs
@@ -221,6 +222,42 @@ def _gpus(r: dict) -> int:
     return r.get("num_gpus", 2)  # rows written before --gpus existed were all 2-GPU runs
 
 
+def _singles(rows: list[dict]) -> dict[str, dict]:
+    return {r["baseline_key"]: r for r in rows if r.get("topology") == "single" and _ok(r)}
+
+
+def scaling_rows(rows: list[dict]) -> list[dict]:
+    """Every multi-GPU run against the 1-GPU run of its baseline key and the HF anchor of the same topology: the
+    "scaling" rows of a results file (benchmarks/render.py), also what the table prints."""
+    singles = _singles(rows)
+    multi = sorted((r for r in rows if r.get("topology") in ("ddp", "fsdp")),
+                   key=lambda r: (r["shape"], not r["compiled"], r["system"], r["topology"], r.get("variant", ""),
+                                  _gpus(r)))
+    out = []
+    for r in multi:
+        base = singles.get(r["baseline_key"])
+        hf2 = next((q for q in rows if q["system"] == "hf" and q["shape"] == r["shape"] and q["topology"] ==
+                    r["topology"] and _gpus(q) == _gpus(r) and q["compiled"] == r["compiled"]
+                    and not q.get("variant") and _ok(q)), None)
+        hf1 = next((q for q in rows if q["system"] == "hf" and q["shape"] == r["shape"] and q["topology"] ==
+                    "single" and q["compiled"] == r["compiled"] and _ok(q)), None)
+        tps2 = r["tokens_per_s_per_gpu"] if _ok(r) else None
+        tps1 = base["tokens_per_s_per_gpu"] if base else None
+        ours = r["system"] == "dist_lm"
+        row = {"shape": r["shape"], "system": f"{SYSTEM_NAMES[r['system']]} {TOPOLOGY_NAMES[r['topology']]}",
+               "variant": r.get("variant") or None,
+               "compile": r.get("compile", "compiled" if r["compiled"] else "eager"),
+               "num_gpus": _gpus(r), "tokens_per_s_per_gpu": tps2, "tokens_per_s_1gpu": tps1,
+               "efficiency": tps2 / tps1 if tps1 and tps2 else None,
+               "peak_mem_GiB": r["peak_mem_GiB"] if _ok(r) else None,
+               "peak_mem_GiB_1gpu": base["peak_mem_GiB"] if base else None,
+               "ours_over_hf_1gpu": tps1 / hf1["tokens_per_s_per_gpu"] if ours and tps1 and hf1 else None,
+               "ours_over_hf": tps2 / hf2["tokens_per_s_per_gpu"] if ours and tps2 and hf2 else None,
+               "warmup_s": r["warmup_s"] if _ok(r) else None, "error": r.get("error")}
+        out.append({k: v for k, v in row.items() if v is not None})
+    return out
+
+
 def print_table(parts: dict[str, dict]) -> None:
     """Merged table of every part found: shape x system x {1 GPU, N GPUs}, then parity, then the targets."""
     rows = [r for p in parts.values() if "comparisons" not in p for r in p["rows"]]
@@ -230,84 +267,103 @@ def print_table(parts: dict[str, dict]) -> None:
         print(f"{name}: {m['date']} | {m.get('gpu', '?')} x{m.get('gpu_count', '?')} | torch {v['torch']} | "
               f"accelerate {v['accelerate']} | transformers {v['transformers']} | triton {v['triton']}")
     if rows:
-        singles = {r["baseline_key"]: r for r in rows if r.get("topology") == "single" and _ok(r)}
-        print("\n| shape | system | GPUs | compile | variant | 1 GPU tok/s | N GPUs tok/s/GPU | efficiency | "
-              "peak GiB 1 GPU | peak GiB/GPU N GPUs | ours/HF 1 GPU | ours/HF N GPUs | warm-up s (N GPUs) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        multi = [r for r in rows if r.get("topology") in ("ddp", "fsdp")]
-        multi.sort(key=lambda r: (r["shape"], not r["compiled"], r["system"], r["topology"], r.get("variant", ""),
-                                  _gpus(r)))
-        for r in multi:
-            base = singles.get(r["baseline_key"])
-            hf2 = next((q for q in rows if q["system"] == "hf" and q["shape"] == r["shape"] and q["topology"] ==
-                        r["topology"] and _gpus(q) == _gpus(r) and q["compiled"] == r["compiled"]
-                        and not q.get("variant") and _ok(q)), None)
-            hf1 = next((q for q in rows if q["system"] == "hf" and q["shape"] == r["shape"] and q["topology"] ==
-                        "single" and q["compiled"] == r["compiled"] and _ok(q)), None)
-            name = f"{SYSTEM_NAMES[r['system']]} {TOPOLOGY_NAMES[r['topology']]}"
-            tps2 = r.get("tokens_per_s_per_gpu") if _ok(r) else None
-            tps1 = base["tokens_per_s_per_gpu"] if base else None
-            eff = f"{100 * tps2 / tps1:.1f}%" if tps1 and tps2 else "-"
-            ratio1 = (f"{tps1 / hf1['tokens_per_s_per_gpu']:.2f}x" if r["system"] == "dist_lm" and tps1 and hf1
-                      else "-")
-            ratio2 = (f"{tps2 / hf2['tokens_per_s_per_gpu']:.2f}x" if r["system"] == "dist_lm" and tps2 and hf2
-                      else "-")
-            mem1 = _fmt_gib(base["peak_mem_GiB"]) if base else "-"
-            mem2 = _fmt_gib(r["peak_mem_GiB"]) if _ok(r) else r.get("error", "?")
-            warm = f"{r['warmup_s']:.1f}" if _ok(r) else "-"
-            how = r.get("compile", "compiled" if r["compiled"] else "eager")
-            print(f"| {r['shape']} | {name} | {_gpus(r)} | {how} | {r.get('variant') or '-'} | {_fmt_k(tps1)} | "
-                  f"{_fmt_k(tps2)} | {eff} | {mem1} | {mem2} | {ratio1} | {ratio2} | {warm} |")
-        failed = [r for r in rows if "error" in r]
-        for r in failed:
-            print(f"  not measured: {r['label']}: {r['error']}")
+        print("\n" + "\n".join(table("scaling", scaling_rows(rows))))
+        for r in rows:
+            if "error" in r:
+                print(f"  not measured: {r['label']}: {r['error']}")
         for r in rows:
             if r.get("note"):
                 print(f"  note: {r['label']}: {r['note']}")
-        print_targets(rows, singles)
+        print("\nTargets (compiled, default variants):")
+        for t in target_rows(rows):
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            print(f"  {t['target']}: {t['result'] or '-'} -> {verdict}")
     for p in parts.values():
         if "comparisons" in p:
             print_parity(p)
 
 
 # The issues' targets: "Two GPUs" at 2 (DDP at both shapes, FSDP2 at 124m with less memory than DDP); "Four and
-# eight GPUs" at 8 (124m). Other counts print the same thresholds, marked as not the issues' own.
+# eight GPUs" at 8 (124m). Other counts get the same thresholds, marked as not the issues' own.
 DDP_TARGET, FSDP_TARGET = 0.95, 0.90
 
 
-def print_targets(rows: list[dict], singles: dict[str, dict]) -> None:
-    """The issues' targets, computed from the rows above (default variants only)."""
+def target_rows(rows: list[dict]) -> list[dict]:
+    """The issues' targets, computed from the runs (default variants only), as a results file's "targets"."""
+    singles = _singles(rows)
+
     def eff(system: str, topology: str, shape: str, n: int) -> tuple[float | None, dict | None]:
         r = next((q for q in rows if q["system"] == system and q["topology"] == topology and q["shape"] == shape
                   and _gpus(q) == n and q["compiled"] and not q.get("variant") and _ok(q)), None)
         base = singles.get(r["baseline_key"]) if r else None
         return (r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None), r
 
-    def verdict(e: float | None, target: float) -> str:
-        return "not measured" if e is None else f"{100 * e:.1f}% -> {'met' if e >= target else 'NOT met'}"
+    def target(text: str, e: float | None, need: float, extra: str = "", ok: bool = True) -> dict:
+        return {"target": text, "result": "" if e is None else f"{100 * e:.1f}%{extra}",
+                "met": None if e is None else (e >= need and ok)}
 
+    out = []
     counts = sorted({_gpus(r) for r in rows if r["system"] == "dist_lm" and r.get("topology") in ("ddp", "fsdp")})
     shapes = sorted({r["shape"] for r in rows if r["system"] == "dist_lm"})
     for n in counts:
-        whose = {2: "issue 'Two GPUs'", 8: "issue 'Four and eight GPUs'"}.get(n, "the 8-GPU thresholds, for reference")
-        print(f"\nTargets at {n} GPUs (compiled; {whose}):")
+        whose = "" if n in (2, 8) else " (the 8-GPU thresholds, for reference)"
         for shape in shapes if n == 2 else [s for s in shapes if s == "124m"]:
-            print(f"  DDP >= 95% at {shape}: " + verdict(eff("dist_lm", "ddp", shape, n)[0], DDP_TARGET))
+            out.append(target(f"DDP ≥95% at {n} GPUs, {shape}{whose}", eff("dist_lm", "ddp", shape, n)[0],
+                              DDP_TARGET))
         e, fsdp = eff("dist_lm", "fsdp", "124m", n)
         _, ddp = eff("dist_lm", "ddp", "124m", n)
-        line = f"  FSDP2 >= 90% at 124m: {verdict(e, FSDP_TARGET)}"
-        if fsdp is not None and ddp is not None:
-            less = fsdp["peak_mem_GiB"] < ddp["peak_mem_GiB"]
-            line += (f"; memory {fsdp['peak_mem_GiB']:.2f} vs DDP {ddp['peak_mem_GiB']:.2f} GiB/GPU -> "
-                     f"{'less' if less else 'NOT less'}")
-        print(line)
+        mem = fsdp is not None and ddp is not None and None not in (fsdp["peak_mem_GiB"], ddp["peak_mem_GiB"])
+        extra = f", {fsdp['peak_mem_GiB']:.2f} vs DDP's {ddp['peak_mem_GiB']:.2f} GiB" if mem else ""
+        out.append(target(f"FSDP2 ≥90% at {n} GPUs, 124m, with less memory per GPU than DDP{whose}", e, FSDP_TARGET,
+                          extra, ok=not mem or fsdp["peak_mem_GiB"] < ddp["peak_mem_GiB"]))
     fsdp_mem = {_gpus(r): r["peak_mem_GiB"] for r in rows if r["system"] == "dist_lm" and r.get("topology") == "fsdp"
-                and r["shape"] == "124m" and r["compiled"] and not r.get("variant") and _ok(r)}
+                and r["shape"] == "124m" and r["compiled"] and not r.get("variant") and _ok(r)
+                and r["peak_mem_GiB"] is not None}
     if len(fsdp_mem) > 1:
-        grows = any(fsdp_mem[b] > fsdp_mem[a] + 0.05 for a, b in zip(sorted(fsdp_mem), sorted(fsdp_mem)[1:]))
-        print("  FSDP2 peak GiB/GPU at 124m by GPU count: " + ", ".join(f"{n}: {m:.2f}" for n, m in
-                                                                       sorted(fsdp_mem.items()))
-              + (" -> GROWS with N" if grows else " -> no growth with N"))
+        counts = sorted(fsdp_mem)
+        grows = any(fsdp_mem[b] > fsdp_mem[a] + 0.05 for a, b in zip(counts, counts[1:]))
+        out.append({"target": "FSDP2 peak GiB/GPU at 124m does not grow with the GPU count",
+                    "result": ", ".join(f"{n} GPUs {fsdp_mem[n]:.2f}" for n in counts), "met": not grows})
+    return out
+
+
+def parity_rows(comparisons: list[dict]) -> list[dict]:
+    """compare_losses' rows -> a results file's "parity" rows: the first 12 steps' range of |difference| (where a lost
+    or doubled micro-batch shows) and the mean signed difference over the second half (an offset that keeps its
+    sign)."""
+    out = []
+    for c in comparisons:
+        if "error" in c:
+            out.append({"pair": c["pair"], "error": c["error"]})
+            continue
+        row = {k: c[k] for k in ("pair", "steps", "max_abs_diff", "max_at_step", "mean_abs_diff", "final_1gpu",
+                                 "final_ngpu")}
+        ref, other = c.get("losses_1gpu"), c.get("losses_ngpu")
+        if ref and other:
+            early = [abs(a - b) for a, b in zip(ref[:12], other[:12])]
+            half = [a - b for a, b in zip(ref[len(ref) // 2:], other[len(ref) // 2:])]
+            row.update(early_abs_diff={"low": min(early), "high": max(early)}, late_mean_diff=sum(half) / len(half))
+        out.append(row)
+    return out
+
+
+def results(parts: dict[str, dict]) -> dict:
+    """What a results file (benchmarks/render.py's write_results) holds of the parts: the date of the newest, the
+    hardware and versions of the first, every part's command, the scaling and parity rows, the targets."""
+    metas = [p["meta"] for _, p in sorted(parts.items())]
+    rows = [r for p in parts.values() if "comparisons" not in p for r in p["rows"]]
+    comparisons = [c for p in parts.values() for c in p.get("comparisons", [])]
+    tables = {}
+    if rows:
+        tables["scaling"] = scaling_rows(rows)
+    if comparisons:
+        tables["parity"] = parity_rows(comparisons)
+    m = metas[0]
+    gpu = {"cpu": "CPU processes (gloo)"} if m.get("gpu") == "cpu" else {"gpu": m.get("gpu"),
+                                                                         "gpu_count": m.get("gpu_count")}
+    return {"date": max(x["date"] for x in metas)[:10], "hardware": gpu, "versions": m["versions"],
+            "commands": [x.get("command", "(command not recorded)") for x in metas], "tables": tables,
+            "targets": target_rows(rows) if rows else []}
 
 
 def print_parity(part: dict) -> None:
