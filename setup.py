@@ -32,6 +32,9 @@ setup(
     ],
     extras_require={
         # Test oracles: tiktoken and tokenizers (tokenizer), transformers (HF Llama baseline and export).
-        "dev": ["pytest>=8.0", "ruff>=0.6", "tiktoken>=0.7", "tokenizers>=0.20", "transformers>=4.45"],
+        # nbclient, nbformat, ipykernel: tests/integration/test_notebook.py runs notebooks/quickstart.ipynb in a
+        # kernel; matplotlib draws its loss curve (mlflow brings it today; the notebook imports it directly).
+        "dev": ["pytest>=8.0", "ruff>=0.6", "tiktoken>=0.7", "tokenizers>=0.20", "transformers>=4.45",
+                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
     },
 )
