@@ -281,23 +281,24 @@ def hardware_text(hw: dict) -> str:
 
 
 def render_block(data: dict) -> str:
-    """The README block of one results file, without its markers."""
+    """The README block of one results file, without its markers: a line of what, when, on what, with which
+    versions; the command (a code block when there are several); the tables; the targets and notes, one paragraph."""
     versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
-    out = [f"**{data['title']}**: {data['date']}, {hardware_text(data['hardware'])}; {versions}.", "",
-           "```bash", *data["commands"], "```"]
+    out = [f"**{data['title']}**: {data['date']}, {hardware_text(data['hardware'])}; {versions}."]
+    commands = data["commands"]
+    out += [f"`{commands[0]}`"] if len(commands) == 1 else ["```bash", *commands, "```"]
     for kind, rows in data["tables"].items():
         out.append("")
         if len(data["tables"]) > 1:
             out += [f"*{CAPTIONS.get(kind, kind)}*", ""]
         out += table(kind, rows, data.get("formats"))
     if data.get("targets"):
-        out += ["", "Targets:"]
-        for t in data["targets"]:
-            verdict = {True: "**met**", False: "**NOT met**", None: "not measured"}[t.get("met")]
-            result = f"{t['result']}, " if t.get("result") else ""
-            out.append(f"- {t['target']}: {result}{verdict}")
-    if data.get("notes"):
-        out += ["", *data["notes"]]
+        verdicts = {True: "**met**", False: "**NOT met**", None: "not measured"}
+        out += ["", "Targets: " + "; ".join(
+            f"{t['target']}: " + (f"{t['result']}, " if t.get("result") else "") + verdicts[t.get("met")]
+            for t in data["targets"]) + "."]
+    if data.get("notes"):  # the targets' paragraph goes on with them
+        out += ([] if data.get("targets") else [""]) + data["notes"]
     return "\n".join(out)
 
 
@@ -310,7 +311,7 @@ def load_results(folder: Path = RESULTS) -> dict[str, dict]:
     return results
 
 
-MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /results:(?P=name) -->)", re.S)
+MARKER = re.compile(r"<!-- results:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
 
 
 def render_readme(text: str, results: dict[str, dict]) -> str:
@@ -321,7 +322,8 @@ def render_readme(text: str, results: dict[str, dict]) -> str:
     if missing_files or missing_blocks or len(found) != len(set(found)):
         raise ValueError(f"README blocks without a results file: {missing_files}; results files without a block: "
                          f"{missing_blocks}; blocks more than once: {sorted({n for n in found if found.count(n) > 1})}")
-    return MARKER.sub(lambda m: m.group(1) + render_block(results[m.group("name")]) + m.group(4), text)
+    return MARKER.sub(lambda m: f"<!-- results:{m['name']} -->\n{render_block(results[m['name']])}\n"
+                                f"<!-- /results:{m['name']} -->", text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,15 +331,15 @@ def render_readme(text: str, results: dict[str, dict]) -> str:
 
 
 def plot_scaling(results: dict[str, dict], path: Path) -> Path | None:
-    """Weak-scaling efficiency against GPU count, one panel per shape, one line per system and results file
-    (default variants only: a variant is not what a user gets); the targets (DDP 95%, FSDP2 90%) dashed."""
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    """Weak-scaling efficiency against GPU count, one panel per shape: a colour per system, a line style per results
+    file (default variants only: a variant is not what a user gets); the targets (DDP 95%, FSDP2 90%) dashed."""
+    series: dict[str, dict[tuple[str, str], list[tuple[int, float]]]] = {}
     for data in results.values():
         for r in data["tables"].get("scaling", []):
             if r.get("variant") or r.get("efficiency") is None:
                 continue
-            label = f"{r['system']} ({data['title']})"
-            series.setdefault(r["shape"], {}).setdefault(label, [(1, 100.0)]).append(
+            key = (r["system"], f"{data['title']} ({data['date']})")
+            series.setdefault(r["shape"], {}).setdefault(key, [(1, 100.0)]).append(
                 (r["num_gpus"], 100 * r["efficiency"]))
     if not series:
         return None
@@ -345,24 +347,33 @@ def plot_scaling(results: dict[str, dict], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False, sharey=True)
+    keys = {k for lines in series.values() for k in lines}
+    systems = sorted({s for s, _ in keys})
+    sources = sorted({f for _, f in keys})
+    colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(systems)}
+    styles = {f: ("-", "--", ":", "-.")[i % 4] for i, f in enumerate(sources)}
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False, sharey=True)
     for ax, (shape, lines) in zip(axes[0], sorted(series.items())):
-        for label, points in sorted(lines.items()):
+        for (system, source), points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, marker="o", markersize=3, color=colours[system], linestyle=styles[source])
         for target, name in ((95, "DDP target"), (90, "FSDP2 target")):
-            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
-            ax.text(1.02, target + 0.3, name, fontsize=7, color="grey")
-        ax.set_title(shape)
-        ax.set_xlabel("GPUs (weak scaling: fixed batch per GPU)")
+            ax.axhline(target, color="grey", linestyle=(0, (2, 2)), linewidth=0.7)
+            ax.annotate(name, (1, target), xytext=(2, 2), textcoords="offset points", fontsize=6, color="grey")
+        ax.set_title(shape, fontsize=9)
+        ax.set_xlabel("GPUs (fixed batch per GPU)", fontsize=8)
         ax.set_xticks(sorted({x for pts in lines.values() for x, _ in pts}))
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower left")
-    axes[0][0].set_ylabel("tokens/s per GPU, % of 1 GPU")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("tokens/s per GPU, % of 1 GPU", fontsize=8)
+    handles = [Line2D([], [], color=colours[s], marker="o", markersize=3, label=s) for s in systems]
+    handles += [Line2D([], [], color="black", linestyle=styles[f], label=f) for f in sources]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=6.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * ((len(handles) + 1) // 2), 1, 1))  # room for the legend rows
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, metadata={"Software": None})
+    fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)
     return path
 
