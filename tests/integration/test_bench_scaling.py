@@ -141,3 +141,20 @@ def test_one_rank_group_wraps_ddp_as_prepare_would_on_several_processes():
     ddp = ddp_kwargs(RunConfig())
     assert row["ddp_seen"] == {**row["ddp_seen"], "bucket_cap_mb": ddp.bucket_cap_mb, "gradient_as_bucket_view": True,
                                "broadcast_buffers": False, "comm_hooks": []}, row["ddp_seen"]
+
+
+def test_save_writes_the_table_as_a_results_file(tmp_path):
+    """--save: what the table shows, as a benchmarks/results/ file that benchmarks/render.py renders, with the
+    command that ran (without the --save)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import render
+
+    saved = tmp_path / "scaling.json"
+    dry_run("dist_lm", tmp_path, "--topologies", "single,ddp", "--save", str(saved))
+    data = json.loads(saved.read_text())
+    render.check_results(data, str(saved))
+    (row,) = data["tables"]["scaling"]
+    assert row["system"] == "dist_lm DDP" and row["num_gpus"] == 2 and row["efficiency"] > 0, row
+    assert data["commands"] == [f"python benchmarks/bench_scaling.py --part dist_lm --dry-run --results-dir {tmp_path} "
+                                "--topologies single,ddp"]
+    assert "| dry-run | dist_lm DDP | eager | 2 |" in render.render_block(data)
