@@ -12,7 +12,7 @@ grad-norm clip to 1.0 (the trainer's default; `--no-clip` drops it from both), A
 - dist_lm: TransformerLM(attention_backend="auto", fused_loss=True), dist_lm AdamW(fused=True) over
   dist_lm.optim.param_groups, dist_lm.optim.clip_grad_norm, and dist_lm.parallel.apply_parallelism
   for compilation (`--compile-mode model|blocks|cudagraphs`, default the trainer's train.compile_mode,
-  `--activation-checkpointing`): what train() runs.
+  `--activation-checkpointing`): what the trainer runs.
 `--systems ...,ours-compiled-det` adds ours compiled in train.deterministic's mode (dist_lm.train.determinism), to
 price bitwise reproducibility.
 Both see the same random tokens (one fixed batch; the work does not depend on the values).

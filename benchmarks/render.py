@@ -46,7 +46,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 RESULTS = HERE / "results"
-PLOT = RESULTS / "scaling.png"
 FORMAT = 1
 
 
@@ -387,8 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README is not up to date")
     p.add_argument("--readme", type=Path, default=README)
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of results/*.json")
-    p.add_argument("--plot", type=Path, default=None, help=f"scaling plot PNG (default {PLOT.relative_to(HERE.parent)}"
-                   " beside the results: RESULTS/scaling.png)")
+    p.add_argument("--plot", type=Path, default=None, help="the scaling plot's PNG (default: RESULTS/scaling.png)")
     args = p.parse_args(argv)
     results = load_results(args.results)
     text = args.readme.read_text()

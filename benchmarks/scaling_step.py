@@ -9,12 +9,13 @@ time. The topology (1 process, DDP, FSDP2) comes only from the accelerate config
 with, exactly as for the trainer.
 
 Design decisions:
-- dist_lm is built as dist_lm.train.trainer.train() builds it: Accelerator(bf16), TransformerLM, the trainer's own
+- dist_lm is built as dist_lm.train.run.build_run builds it: Accelerator(bf16), TransformerLM, the trainer's own
   `fsdp_options` (imported, not re-derived), apply_parallelism, our AdamW(fused=None) on the (possibly sharded)
-  parameters, then `prepare(model, optimizer)` for DDP / one GPU, or the optimizer wrapped in
-  AcceleratedOptimizer under FSDP2.
-- The timed step is a copy of the trainer's inner loop (lr set on the groups, accumulate, backward, unscale, our
-  clip_grad_norm, step, zero_grad): train() has no step function to import. Keep the two in step by hand.
+  parameters, then `prepare_data_parallel` for DDP / one GPU, or the optimizer wrapped in AcceleratedOptimizer
+  under FSDP2.
+- The timed step is a copy of the trainer's optimizer_step (dist_lm/train/trainer.py: lr set on the groups,
+  accumulate, backward, unscale, our clip_grad_norm, step, zero_grad), which needs a whole Run (data, logger,
+  schedule) that a benchmark does not build. Keep the two in step by hand.
 - The HF anchor is what an Accelerate user writes: LlamaForCausalLM (bench_train._hf_model, same shapes),
   torch.optim.AdamW(fused=True), accelerator.clip_grad_norm_. It is compiled before `prepare` (the issue's
   "compiled before prepare"): for DDP, the faster of Accelerate's two ways; for FSDP2 the plugin then shards the
@@ -208,7 +209,7 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
     ddp = {}
-    if args.system == "dist_lm" and args.ddp_defaults == "trainer":  # what train() hands to its Accelerator
+    if args.system == "dist_lm" and args.ddp_defaults == "trainer":  # what build_run hands to its Accelerator
         ddp.update(ddp_kwargs(RunConfig()).to_kwargs())  # what it sets apart from DDP's defaults
     if args.bucket_cap_mb is not None:
         ddp["bucket_cap_mb"] = args.bucket_cap_mb
@@ -231,7 +232,7 @@ def make_accelerator(args: argparse.Namespace):
 
 
 def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor):
-    """(step function, raw model, how it was compiled, extra row fields) built the way trainer.train() builds it."""
+    """(step function, raw model, how it was compiled, extra row fields) built the way build_run builds it."""
     run_cfg = RunConfig(model=cfg)
     run_cfg.train.compile = not args.no_compile
     run_cfg.train.compile_mode = args.compile_mode
@@ -249,7 +250,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
         model, averager = _coalesced_data_parallel(args, accelerator, raw, run_cfg)
     else:
         model = apply_parallelism(raw, run_cfg, fsdp=fsdp)
-    # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in train()).
+    # After sharding: under FSDP2 the optimizer must hold the DTensor parameters (as in build_run).
     optimizer = AdamW(param_groups(raw, WEIGHT_DECAY), **HYPER, fused=None)
     note = ""
     # DDP's graph pieces aligned with its buckets only where it is given a bucket size (the trainer's settings or
@@ -265,7 +266,7 @@ def build_dist_lm(args, accelerator, cfg: ModelConfig, x: torch.Tensor, y: torch
     elif fsdp is None:
         model, optimizer = prepare_data_parallel(accelerator, model, optimizer, **_hook(args),
                                                  align_bucket_mb=align_bucket_mb)
-    else:  # what train() does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
+    else:  # what build_run does: Accelerate's prepare() refuses an FSDP2 optimizer without its model
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
     if after_ddp:
         model = torch.compile(model)
