@@ -45,6 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+ROOT_README = HERE.parent / "README.md"
 RESULTS = HERE / "results"
 FORMAT = 1
 
@@ -325,6 +326,48 @@ def render_readme(text: str, results: dict[str, dict]) -> str:
                                 f"<!-- /results:{m['name']} -->", text)
 
 
+# The results whose targets make the project README's one table (its block `<!-- results:summary -->`), in order, each
+# with its name there; the other files go deeper into one of these (more calls, 4 GPUs, the noise floor, a knob) and
+# stay in benchmarks/README.md.
+SUMMARY = {"train": "Training step, 1 GPU", "attention": "Attention kernel", "optim": "AdamW step",
+           "scaling": "Data parallel, 2 GPUs", "scaling_parity": "Loss parity, 2 GPUs", "tokenizer": "Tokenizer (CPU)"}
+SUMMARY_MARKER = re.compile(r"<!-- results:summary -->\n.*?<!-- /results:summary -->", re.S)
+
+
+def render_summary(results: dict[str, dict], names: dict[str, str] = SUMMARY) -> str:
+    """One table of the targets of the results files `names` (file -> its name in the table): what was promised,
+    what was measured, on what, and the command that measures it again (the file's first).
+
+    >>> print(render_summary({"x": {"title": "X", "date": "2026-01-02", "hardware": {"cpu": "a CPU"},
+    ...     "commands": ["python benchmarks/x.py"], "targets": [{"target": "t", "result": "1.2x", "met": True}]}},
+    ...     {"x": "The x"}))
+    | benchmark | target | measured | met | on | to measure again |
+    |---|---|---|---|---|---|
+    | The x | t | 1.2x | yes | a CPU, 2026-01-02 | `python benchmarks/x.py` |
+    """
+    verdicts = {True: "yes", False: "**no**", None: "not measured"}
+    lines = ["| benchmark | target | measured | met | on | to measure again |", "|---|---|---|---|---|---|"]
+    for name, label in names.items():
+        data = results[name]
+        hw = data["hardware"]
+        on = f"{hw.get('gpu_count', 1)}x {hw['gpu']}" if hw.get("gpu") else hw.get("cpu", "?")
+        for t in data.get("targets", []):
+            lines.append(f"| {label} | {t['target']} | {t.get('result', '')} | {verdicts[t.get('met')]} | "
+                         f"{on}, {data['date']} | `{data['commands'][0]}` |")
+    return "\n".join(lines)
+
+
+def render_root_readme(text: str, results: dict[str, dict], names: dict[str, str] = SUMMARY) -> str:
+    """The project README with its summary block (the targets of `names`) rendered; it must have exactly one."""
+    if len(SUMMARY_MARKER.findall(text)) != 1:
+        raise ValueError("needs exactly one <!-- results:summary --> ... <!-- /results:summary --> block")
+    missing = [n for n in names if n not in results]
+    if missing:
+        raise ValueError(f"the summary names results files that do not exist: {missing}")
+    body = render_summary(results, names)
+    return SUMMARY_MARKER.sub(lambda _: f"<!-- results:summary -->\n{body}\n<!-- /results:summary -->", text)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scaling plot
 
@@ -383,31 +426,41 @@ def plot_scaling(results: dict[str, dict], path: Path) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README is not up to date")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a README is not up to date")
     p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--root-readme", type=Path, default=ROOT_README,
+                   help="the project README, whose summary block is rendered too")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of results/*.json")
+    p.add_argument("--summary", default=",".join(SUMMARY),
+                   help="the results files whose targets the project README's table lists, in order")
     p.add_argument("--plot", type=Path, default=None, help="the scaling plot's PNG (default: RESULTS/scaling.png)")
     args = p.parse_args(argv)
     results = load_results(args.results)
-    text = args.readme.read_text()
-    try:
-        new = render_readme(text, results)
-    except ValueError as exc:
-        print(f"{args.readme}: {exc}", file=sys.stderr)
-        return 1
-    if args.check:
-        if new != text:
-            diff = difflib.unified_diff(text.splitlines(), new.splitlines(), str(args.readme), "rendered", lineterm="")
-            print("\n".join(diff), file=sys.stderr)
-            print(f"{args.readme} differs from what {args.results} renders: run python benchmarks/render.py",
-                  file=sys.stderr)
+    stale = 0
+    summary = {name: SUMMARY.get(name, name) for name in args.summary.split(",") if name}
+    for readme, render in ((args.readme, render_readme),
+                           (args.root_readme, lambda text, res: render_root_readme(text, res, summary))):
+        text = readme.read_text()
+        try:
+            new = render(text, results)
+        except ValueError as exc:
+            print(f"{readme}: {exc}", file=sys.stderr)
             return 1
-        print(f"{args.readme}: {len(results)} result blocks up to date")
-        return 0
-    if new != text:
-        args.readme.write_text(new)
+        if args.check and new != text:
+            diff = difflib.unified_diff(text.splitlines(), new.splitlines(), str(readme), "rendered", lineterm="")
+            print("\n".join(diff), file=sys.stderr)
+            print(f"{readme} differs from what {args.results} renders: run python benchmarks/render.py",
+                  file=sys.stderr)
+            stale += 1
+        elif not args.check and new != text:
+            readme.write_text(new)
+    if args.check:
+        if not stale:
+            print(f"{args.readme}, {args.root_readme}: {len(results)} result blocks up to date")
+        return 1 if stale else 0
     plot = plot_scaling(results, args.plot or args.results / "scaling.png")
-    print(f"{args.readme}: {len(results)} result blocks rendered" + (f"; plot {plot}" if plot else ""))
+    print(f"{args.readme}, {args.root_readme}: {len(results)} result blocks rendered"
+          + (f"; plot {plot}" if plot else ""))
     return 0
 
 

@@ -53,8 +53,12 @@ def write_demo(folder: Path) -> Path:
 
 
 def run(tmp_path: Path, *extra: str) -> int:
+    root = tmp_path / "ROOT.md"  # the project README's summary block, rendered too
+    if not root.exists():
+        root.write_text("# project\n<!-- results:summary -->\n<!-- /results:summary -->\n")
     return render.main(["--readme", str(tmp_path / "README.md"), "--results", str(tmp_path / "results"),
-                        "--plot", str(tmp_path / "scaling.png"), *extra])
+                        "--root-readme", str(root), "--summary", "demo", "--plot", str(tmp_path / "scaling.png"),
+                        *extra])
 
 
 def test_the_repositorys_readme_is_what_its_results_render():
@@ -140,7 +144,10 @@ def test_what_the_gpu_benchmarks_save_renders(tmp_path):
                              versions={}, commands=["python x"], tables=tables, targets=targets)
     (tmp_path / "README.md").write_text("".join(f"<!-- results:{n} -->\n<!-- /results:{n} -->\n"
                                                 for n in ("train", "optim", "attention")))
-    assert run(tmp_path) == 0
+    assert run(tmp_path, "--summary", "train,attention") == 0
+    summary = (tmp_path / "ROOT.md").read_text()  # the project README's table lists the targets, with the command
+    assert "| Training step, 1 GPU | ≥1.15x HF compiled at 124m | 1.20x | yes | 1x G, " in summary, summary
+    assert "| `python x` |" in summary, summary
     text = (tmp_path / "README.md").read_text()
     assert "| 124m | hf-compiled | 400k | 30.0% | 40.00 | 1.00x | 9.00 | 20.0 |" in text, text
     assert "≥1.15x HF compiled at 124m: 1.20x, **met**" in text, text
