@@ -3,14 +3,12 @@
 `LlamaForCausalLM.from_pretrained("exports/demo")` and `AutoTokenizer.from_pretrained("exports/demo")`."""
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from dist_lm.cli import run_main
-from dist_lm.errors import UserError
 from dist_lm.export import export_to_hf
-from dist_lm.train.checkpoint import list_checkpoints
+from dist_lm.train.checkpoint import find_checkpoint
 
 
 def main() -> None:
@@ -21,16 +19,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     args = parser.parse_args()
-    path = Path(args.checkpoint)
-    # Said here, before load_state's "has no state.json", which would send a user with a typo looking for a file.
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist; pass a step_* directory or a run directory "
-                                "(e.g. runs/demo)")
-    if not path.is_dir():
-        raise UserError(f"--checkpoint {path} is a file, not a checkpoint directory; pass a step_* directory or "
-                        "a run directory")
-    found = list_checkpoints(path)
-    path = found[-1] if found else path
+    path = find_checkpoint(args.checkpoint, "--checkpoint")  # a step_* or run directory
     out = export_to_hf(path, args.out, tokenizer_dir=args.tokenizer, dtype=getattr(torch, args.dtype),
                        overwrite=args.overwrite)
     print(f"exported {path} -> {out}")

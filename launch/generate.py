@@ -4,7 +4,6 @@
 
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -15,7 +14,7 @@ from dist_lm.model import TransformerLM, sample_text
 from dist_lm.tokenizer import load_tokenizer
 from dist_lm.train.checkpoint import (
     INFERENCE_KEYS,
-    list_checkpoints,
+    find_checkpoint,
     load_model_state,
     load_model_weights,
     load_state,
@@ -34,17 +33,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    path = Path(args.checkpoint)
-    # Said here, before load_state's "has no state.json", which would send a user with a typo looking for a file.
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist; pass a step_* directory or a run directory "
-                                "(e.g. runs/demo)")
-    if not path.is_dir():
-        raise UserError(f"--checkpoint {path} is a file, not a checkpoint directory; pass a step_* directory or "
-                        "a run directory")
-    found = list_checkpoints(path)
-    if found:  # a run directory: take its latest checkpoint
-        path = found[-1]
+    path = find_checkpoint(args.checkpoint, "--checkpoint")  # a step_* or run directory
     state = load_state(path, INFERENCE_KEYS)
     cfg = config_from_dict(state["config"])
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer_dir)

@@ -16,37 +16,14 @@ Design decisions:
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from dist_lm.errors import UserError
+from dist_lm.warn import warn_once
 
 BACKENDS = ("auto", "triton", "sdpa", "reference")
-
-_warned: set[str] = set()
-
-
-def _is_main_rank() -> bool:
-    """Rank 0 of the process group, or of the launch (RANK, set by torchrun/accelerate) before the group exists."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _warn_once(message: str) -> None:
-    # warnings' own dedup is per call site and is defeated by "always" filters (pytest, notebooks).
-    # Not while dynamo traces: warnings.warn would break the graph (the eager or first uncompiled call says it);
-    # the rank check stays behind this guard too, so tracing never sees the process group queried.
-    if torch.compiler.is_compiling():
-        return
-    if message not in _warned:
-        _warned.add(message)  # on the other ranks too: they ask the rank once, then stay silent
-        if _is_main_rank():
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-
 
 def _causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where attention is allowed, queries aligned to the end of the keys."""
@@ -125,10 +102,10 @@ def attention(
 
     # auto
     if not q.is_cuda:
-        _warn_once(f"attention backend='auto' uses sdpa: the Triton kernel needs CUDA tensors, these are on {q.device}")
+        warn_once(f"attention backend='auto' uses sdpa: the Triton kernel needs CUDA tensors, these are on {q.device}")
         return _sdpa(q, k, v, causal)
     fn, why = _load_triton()
     if fn is None:
-        _warn_once(f"attention backend='auto' falls back to sdpa on CUDA: the Triton kernel is unavailable ({why})")
+        warn_once(f"attention backend='auto' falls back to sdpa on CUDA: the Triton kernel is unavailable ({why})")
         return _sdpa(q, k, v, causal)
     return fn(q, k, v, causal=causal, sm_scale=None)

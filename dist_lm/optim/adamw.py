@@ -26,7 +26,6 @@ Design decisions:
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,15 +34,7 @@ import torch.nn as nn
 
 from dist_lm.errors import UserError
 from dist_lm.optim.clip import local_shard
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    # warnings' own dedup is per call site and is defeated by "always" filters (pytest, notebooks).
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+from dist_lm.warn import warn_once
 
 
 def _load_fused():
@@ -178,7 +169,7 @@ class AdamW(torch.optim.Optimizer):
                 reason = plan.set_grads(grads)
         if reason:
             if self.fused:
-                _warn_once(f"AdamW(fused=True) runs the foreach path instead of the Triton kernel: {reason}")
+                warn_once(f"AdamW(fused=True) runs the foreach path instead of the Triton kernel: {reason}")
             return False
         plan.step(grads, step, **hyper)
         return True

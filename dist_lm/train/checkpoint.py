@@ -58,6 +58,22 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file())
 
 
+def find_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
+    """The checkpoint directory a user means: a step_* directory as it is, a run directory (or its checkpoints/
+    folder) as its latest checkpoint. A path that does not exist or is a file is one clear error, before any
+    reader's "has no state.json" sends someone with a typo looking for a file. `name`: how the path is named in
+    that error (a script's flag, e.g. "--checkpoint")."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{name} {path} does not exist; pass a step_* directory or a run directory "
+                                "(e.g. runs/demo)")
+    if not path.is_dir():
+        raise UserError(f"{name} {path} is a file, not a checkpoint directory; pass a step_* directory or a run "
+                        "directory")
+    found = list_checkpoints(path.parent if path.name == CHECKPOINTS else path)
+    return found[-1] if found else path
+
+
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint to resume from: None for a fresh start, else a checked directory.
 

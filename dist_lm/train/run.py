@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
 from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, load_manifest, prepare_shards

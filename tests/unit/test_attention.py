@@ -1,14 +1,12 @@
 """attention(): sdpa and reference agree, end-aligned causal masking for decoding, backend errors."""
 
-import sys
 import warnings
 
 import pytest
 import torch
 
+from dist_lm import warn
 from dist_lm.model import attention, reference_attention
-
-attention_module = sys.modules["dist_lm.model.attention"]  # the package attribute is the function
 
 
 def qkv(t_q: int = 7, t_k: int = 7, seed: int = 0):
@@ -54,7 +52,7 @@ def test_fewer_queries_align_to_the_end_of_the_keys(backend, t_q):
 
 
 def test_auto_on_cpu_is_sdpa_and_says_why_once(monkeypatch):
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(warn, "_said", set())
     q, k, v = qkv()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -84,11 +82,11 @@ def test_more_queries_than_keys_is_rejected():
 
 
 def test_fallback_warning_is_issued_once(monkeypatch):
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(warn, "_said", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        attention_module._warn_once("triton unavailable")
-        attention_module._warn_once("triton unavailable")
+        warn.warn_once("triton unavailable")
+        warn.warn_once("triton unavailable")
     assert len(caught) == 1 and "triton unavailable" in str(caught[0].message)
 
 
@@ -96,7 +94,7 @@ def test_fallback_warning_is_issued_once(monkeypatch):
 @pytest.mark.parametrize(("rank", "warns"), [(None, True), ("0", True), ("1", False)])
 def test_fallback_warning_only_on_the_main_rank(monkeypatch, rank, warns):
     # Before the process group exists (or without one), RANK from torchrun/accelerate decides.
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(warn, "_said", set())
     if rank is None:
         monkeypatch.delenv("RANK", raising=False)
     else:
@@ -113,13 +111,13 @@ def test_fallback_warning_follows_the_process_group_rank(monkeypatch, tmp_path):
     # An initialised group is the authority: its rank 0 warns even where RANK says otherwise.
     import torch.distributed as dist
 
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(warn, "_said", set())
     monkeypatch.setenv("RANK", "1")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            attention_module._warn_once("fallback")
+            warn.warn_once("fallback")
     finally:
         dist.destroy_process_group()
     assert [str(w.message) for w in caught] == ["fallback"]
@@ -127,7 +125,7 @@ def test_fallback_warning_follows_the_process_group_rank(monkeypatch, tmp_path):
 
 def test_fallback_warning_does_not_break_the_compiled_graph(monkeypatch):
     # fullgraph=True raises on a graph break; a warning (or a rank query) inside the trace would be one.
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(warn, "_said", set())
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend="auto"), fullgraph=True, backend="eager")
     q, k, v = qkv()

@@ -15,6 +15,7 @@ from dist_lm.model import TransformerLM
 from dist_lm.optim import AdamW, param_groups
 from dist_lm.train.checkpoint import (
     CHECKPOINTS,
+    find_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
@@ -76,6 +77,19 @@ def test_retention_and_ordering(tmp_path):
         save(tmp_path, step, model, opt, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000300", "step_0001000"]
     assert not [p for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith(".")]
+
+
+def test_find_checkpoint_takes_a_step_a_run_or_its_checkpoints_folder(tmp_path):
+    model, opt = trained_pair()
+    for step in (10, 20):
+        save(tmp_path, step, model, opt)
+    latest = tmp_path / CHECKPOINTS / "step_0000020"
+    assert find_checkpoint(tmp_path) == latest and find_checkpoint(tmp_path / CHECKPOINTS) == latest
+    assert find_checkpoint(tmp_path / CHECKPOINTS / "step_0000010").name == "step_0000010"
+    with pytest.raises(FileNotFoundError, match=r"--ckpt .*nope does not exist; pass a step_\* directory"):
+        find_checkpoint(tmp_path / "nope", "--ckpt")
+    with pytest.raises(ValueError, match="state.json is a file, not a checkpoint directory"):
+        find_checkpoint(latest / "state.json")
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
