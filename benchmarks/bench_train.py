@@ -352,7 +352,8 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
+        args_json = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}  # --save is a Path
+        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": args_json}
         (Path(out) / f"bench_train_{'_'.join(shapes)}_{args.compile_mode}.json").write_text(
             json.dumps({"meta": meta, "rows": rows}, indent=1))
 
