@@ -12,9 +12,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from dist_lm.errors import UserError
+from dist_lm.errors import StorageError, UserError
 
-USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, FloatingPointError)
+USER_ERRORS = (UserError, StorageError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -11,3 +11,8 @@ fused-kernel plan's tensors) stay plain ValueError for that reason; third-party 
 
 class UserError(ValueError):
     """Input that cannot work (config, files, checkpoints, data, arguments); the message names the value and the fix."""
+
+
+class StorageError(OSError):
+    """A write that failed for want of space or permission (a full disk, a read-only directory): the message names
+    the path, the free space and what was kept; whatever was written before is left intact."""
