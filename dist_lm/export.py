@@ -9,6 +9,8 @@ Design decisions:
   a GPU; loading the result is `LlamaForCausalLM.from_pretrained(dir)` (tested against our logits).
 - The tokenizer goes along as `tokenizer.json` (our byte-level BPE in Hugging Face's format) plus a
   tokenizer_config.json naming `<|endoftext|>` as bos/eos, so `AutoTokenizer.from_pretrained(dir)` works.
+- The weights are read through checkpoint.load_model_state, which checks them against the sizes and SHA-256
+  recorded in state.json: a damaged checkpoint is refused with one line naming the file, never exported.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer_dir: 
     if tokenizer.fingerprint() != state.get("tokenizer_fingerprint"):
         raise UserError(f"tokenizer {tokenizer_dir or cfg.data.tokenizer_dir} is not the one {checkpoint} was "
                         "trained with; pass the original tokenizer directory")
-    weights = {hf_name(k): v.to(dtype).contiguous() for k, v in load_model_state(checkpoint).items()}
+    weights = {hf_name(k): v.to(dtype).contiguous() for k, v in load_model_state(checkpoint, state).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(weights, out_dir / "model.safetensors")  # group-readable where the umask says so
     config = llama_config(cfg.model, tokenizer.eot_id)

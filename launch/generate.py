@@ -41,7 +41,7 @@ def main() -> None:
         raise UserError(f"tokenizer {args.tokenizer or cfg.data.tokenizer_dir} is not the one {path} was trained "
                         "with; pass --tokenizer with the original tokenizer directory")
     model = TransformerLM(cfg.model)
-    load_model_weights(model, load_model_state(path), path)
+    load_model_weights(model, load_model_state(path, state), path)  # checked against state.json's sha256
     model.to(args.device).eval()
     text = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,
                        temperature=args.temperature, top_p=args.top_p)
