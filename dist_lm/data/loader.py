@@ -9,6 +9,10 @@ Design decisions:
   (m * world_size + r) * micro_batch. So the set of sequences in a step depends only on G: one
   process with batch 8 and two with batch 4, or accumulation 4 x 2 and 1 x 8, see the same data.
 - The loader holds no cursor: the data position is the step number, so resuming needs only it.
+- Integrity is the reader's job (ShardedTokens.read_rows, dist_lm.data.shards): each block of a shard is
+  checksummed the first time a batch reads from it, and every batch is checked against the vocabulary, so a
+  damaged shard stops the run with a UserError naming the file and the bytes, never an IndexError in the
+  embedding. The batches here stay pure functions of (step, micro_step).
 """
 
 from __future__ import annotations

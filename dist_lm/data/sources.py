@@ -12,6 +12,9 @@ Design decisions:
   `datasets` reads (e.g. a downloaded hub repository); `bundled:tinystories` is the package's sample;
   anything else that looks like `owner/name` is a `datasets` hub name. Directories and hub names go
   through the same streaming code, so the hub path is tested offline on a local directory.
+- A document must be a string: a jsonl line that is not an object, or whose text field is null, a number, a
+  list or missing, is one error naming the file, the line and data.text_field (a parquet or hub row: the row
+  number), raised as the row is read, instead of a TypeError deep inside the tokenizer's workers.
 """
 
 from __future__ import annotations
@@ -80,10 +83,13 @@ def _read_local_documents(path: Path, text_field: str) -> Iterator[str]:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that "
                                     "line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with a "
+                                    f"{text_field!r} field (data.text_field); fix or remove that line")
                 if text_field not in row:
                     raise UserError(f"{path}:{lineno} has no field {text_field!r}; set data.text_field to one of "
                                     f"{sorted(row)}")
-                yield row[text_field]
+                yield _text(row[text_field], f"{path}:{lineno}", text_field)
     else:
         import pyarrow as pa  # datasets depends on pyarrow
         import pyarrow.parquet as pq
@@ -93,8 +99,11 @@ def _read_local_documents(path: Path, text_field: str) -> Iterator[str]:
             if text_field not in table.schema_arrow.names:
                 raise UserError(f"{path} has no column {text_field!r}; set data.text_field to one of "
                                 f"{table.schema_arrow.names}")
+            row = 0
             for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-                yield from batch.column(0).to_pylist()
+                for value in batch.column(0).to_pylist():
+                    yield _text(value, f"{path} row {row}", text_field)
+                    row += 1
         except pa.ArrowException as exc:
             raise UserError(f"{path} is not a readable parquet file ({exc}); check or re-write it") from None
 
@@ -145,18 +154,27 @@ def _iter_hub(name: str, split: str, text_field: str, val_fraction: float) -> It
     hub_val = next((s for s in ("validation", "valid", "val", "test") if s in available), None)
     if hub_val is not None:
         stream = datasets.load_dataset(name, split="train" if split == "train" else hub_val, streaming=True)
-        for row in stream:
-            yield _field(row, text_field, name)
+        for i, row in enumerate(stream):
+            yield _field(row, text_field, name, i)
         return
     every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
     stream = datasets.load_dataset(name, split="train", streaming=True)
     for i, row in enumerate(stream):
         is_val = every > 0 and i % every == every - 1
         if is_val == (split == "val"):
-            yield _field(row, text_field, name)
+            yield _field(row, text_field, name, i)
 
 
-def _field(row: dict, text_field: str, name: str) -> str:
+def _field(row: dict, text_field: str, name: str, index: int) -> str:
     if text_field not in row:
         raise UserError(f"dataset {name} has no column {text_field!r}; set data.text_field to one of {sorted(row)}")
-    return row[text_field]
+    return _text(row[text_field], f"dataset {name} row {index}", text_field)
+
+
+def _text(value: object, where: str, text_field: str) -> str:
+    """A document's text, or a UserError naming where it is and the field (data.text_field)."""
+    if isinstance(value, str):
+        return value
+    shown = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+    raise UserError(f"{where}: field {text_field!r} (data.text_field) is {shown}, not text; fix or remove that "
+                    "row, or set data.text_field to the text field")

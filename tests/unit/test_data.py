@@ -1,9 +1,11 @@
-"""Sources, shards and the batch loader: contents, determinism, rank disjointness, resumption."""
+"""Sources, shards and the batch loader: contents, determinism, rank disjointness, resumption, and the shards'
+integrity checks (sizes, largest ids, block checksums) against random bytes written into real files."""
 
 import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from dist_lm.data import EvalBatches, ShardedTokens, TrainBatches, check_tokenizer, iter_documents, load_manifest
-from dist_lm.data.shards import prepare_shards
+from dist_lm.data.shards import BLOCK_BYTES, prepare_shards, shard_record, verify_shards
 from dist_lm.errors import UserError
 from dist_lm.tokenizer import load_tokenizer
 
@@ -232,3 +234,161 @@ def test_eval_batches_fixed_and_rank_split():
     starts = sorted(int(x[0, 0]) // 8 for r in ranks for x, _ in r) + sorted(
         int(x[1, 0]) // 8 for r in ranks for x, _ in r)
     assert sorted(starts) == list(range(8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad rows in a source: one error naming the file, the line and the field
+
+
+@pytest.mark.parametrize("row, shown", [({"text": None}, "is null"), ({"text": 42}, "is a int ('42')"),
+                                        ({"text": ["a"]}, "is a list"), ([1, 2], "is a JSON list, not an object")])
+def test_jsonl_rows_without_text_name_the_line(tmp_path, row, shown):
+    src = tmp_path / "docs.jsonl"
+    rows = [json.dumps({"text": d}) for d in DOCS[:5]]
+    rows.insert(3, json.dumps(row))
+    src.write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError) as err:
+        list(iter_documents(str(src), "train", val_fraction=0.2))
+    assert f"{src}:4" in str(err.value) and shown in str(err.value) and "'text'" in str(err.value)
+
+
+def test_parquet_null_text_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": ["a story", None, "another"]}), src)
+    with pytest.raises(UserError, match=r"docs.parquet row 1: field 'body' \(data.text_field\) is null"):
+        list(iter_documents(str(src), "train", text_field="body", val_fraction=0.34))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard integrity
+
+
+def scribble(path: Path, offset: int, count: int) -> None:
+    """Random bytes over [offset, offset + count) of a file, its size unchanged (bit rot, a bad copy)."""
+    data = bytearray(path.read_bytes())
+    new = os.urandom(count)
+    while new == bytes(data[offset:offset + count]):
+        new = os.urandom(count)
+    data[offset:offset + count] = new
+    path.write_bytes(bytes(data))
+
+
+def write_data_dir(root: Path, shards: list[np.ndarray], *, vocab_size: int = 1000, block_bytes: int = 64,
+                   fingerprint: str = "f" * 64, version: int = 2) -> Path:
+    """A train split of hand-made uint16 shards and an honest manifest (what prepare_shards writes) with
+    small checksum blocks, so that a few hundred tokens span many blocks."""
+    (root / "train").mkdir(parents=True)
+    entries = []
+    for i, tokens in enumerate(shards):
+        name = f"train/shard_{i:06d}.bin"
+        tokens.astype(np.uint16).tofile(root / name)
+        entries.append({"file": name, **shard_record(tokens.astype(np.uint16), block_bytes)})
+    manifest = {"format_version": version, "tokenizer_dir": "tok", "tokenizer_fingerprint": fingerprint,
+                "vocab_size": vocab_size, "dtype": "uint16",
+                "checksum": {"algorithm": "crc32", "block_bytes": block_bytes},
+                "splits": {"train": {"num_documents": 1, "num_tokens": sum(len(t) for t in shards), "shards": entries}}}
+    if version == 1:
+        del manifest["checksum"]
+        manifest["splits"]["train"]["shards"] = [{"file": e["file"], "num_tokens": e["num_tokens"]} for e in entries]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_manifest_records_bytes_largest_id_and_block_crcs(shards):
+    manifest = load_manifest(shards)
+    assert manifest["format_version"] == 2 and manifest["checksum"] == {"algorithm": "crc32",
+                                                                        "block_bytes": BLOCK_BYTES}
+    for split in ("train", "val"):
+        for entry in manifest["splits"][split]["shards"]:
+            data = (shards / entry["file"]).read_bytes()
+            tokens = np.frombuffer(data, dtype=np.uint16)
+            assert entry["num_bytes"] == len(data) and entry["max_token_id"] == tokens.max()
+            crcs = [zlib.crc32(data[i:i + BLOCK_BYTES]) for i in range(0, len(data), BLOCK_BYTES)]
+            assert entry["crc32"] == "".join(f"{c:08x}" for c in crcs)
+
+
+def test_random_bytes_in_a_shard_are_named_when_read(shards):
+    """Lazily: the damaged shard opens (its size is right), reads elsewhere work, and the first read of the damaged
+    block names the file and its bytes instead of returning garbage or ids out of range."""
+    damaged = shards / "train" / "shard_000001.bin"  # 100-token shards: tokens 100-199 of the split
+    scribble(damaged, 50, 40)
+    train = ShardedTokens.open(shards, "train")
+    assert train.read_rows(np.array([0, 10]), 50).shape == (2, 50)  # shard 0 only
+    with pytest.raises(UserError) as err:
+        train.read_rows(np.array([0, 150]), 20)
+    assert str(err.value).startswith(f"shard {damaged}, bytes 0-199: checksum mismatch (crc32 ")
+    assert "prepare_data.py --overwrite" in str(err.value)
+    with pytest.raises(UserError, match="shard_000001.bin, bytes 0-199: checksum mismatch"):
+        ShardedTokens.open(shards, "train", verify="full")  # the full check finds it at open
+    with pytest.raises(UserError, match=r"1 damaged block\(s\) in .*shard_000001.bin, bytes 0-199"):
+        verify_shards(shards)
+
+
+def test_blocks_are_checked_once_each_and_the_error_names_the_block(tmp_path):
+    tokens = np.arange(1000) % 900
+    root = write_data_dir(tmp_path / "d", [tokens], vocab_size=900, block_bytes=64)  # 32 tokens a block
+    scribble(root / "train" / "shard_000000.bin", 64 * 20 + 10, 4)  # inside block 20: bytes 1280-1343
+    train = ShardedTokens.open(root, "train")
+    rows = train.read_rows(np.array([0, 100, 600]), 40)
+    assert (rows == np.stack([tokens[s:s + 40] for s in (0, 100, 600)])).all()
+    checked = train.checks[0].checked
+    assert checked.sum() == 6 and checked[[0, 1, 3, 4, 18, 19]].all()  # exactly the blocks read
+    with pytest.raises(UserError, match=r"shard_000000.bin, bytes 1,280-1,343: checksum mismatch"):
+        train.read_rows(np.array([630]), 20)  # tokens 630-649 start in block 19 and end in block 20
+    assert verify_shards(write_data_dir(tmp_path / "clean", [tokens], vocab_size=900)) == {"shards": 1, "bytes": 2000}
+
+
+def test_ids_beyond_the_vocabulary_are_refused_at_open(tmp_path):
+    tokens = np.arange(500) % 300
+    tokens[123] = 1000  # an id the tokenizer (vocab 1000: ids 0..999) never makes
+    root = write_data_dir(tmp_path / "d", [np.arange(200) % 300, tokens], vocab_size=1000)
+    with pytest.raises(UserError) as err:
+        ShardedTokens.open(root, "train")
+    assert str(err.value).startswith(f"shard {root / 'train' / 'shard_000001.bin'} holds token ids up to 1000 ")
+    assert "beyond the vocabulary's 1000 ids (0..999)" in str(err.value)
+    ok_root = write_data_dir(tmp_path / "ok", [np.arange(500) % 300])
+    with pytest.raises(UserError, match="holds token ids up to 299 .*beyond the vocabulary's 200 ids"):
+        ShardedTokens.open(ok_root, "train", vocab_size=200)  # a smaller limit from the caller (the model's)
+
+
+def test_format_1_manifest_reads_with_a_warning_and_bad_ids_never_reach_the_model(tmp_path):
+    tokens = np.arange(500) % 300
+    tokens[321] = 5000
+    root = write_data_dir(tmp_path / "d", [tokens], vocab_size=1000, version=1)
+    with pytest.warns(RuntimeWarning, match="format-1 manifest .*re-prepare"):
+        train = ShardedTokens.open(root, "train")
+    assert train.read_rows(np.array([0]), 300).shape == (1, 300)
+    with pytest.raises(UserError) as err:
+        train.read_rows(np.array([0, 300]), 30)
+    assert str(err.value).startswith(f"shard {root / 'train' / 'shard_000000.bin'} holds token id 5000 at token 321 "
+                                     "(byte 642), beyond the vocabulary's 1000 ids")
+    batches = TrainBatches(train, seq_len=50, micro_batch=9, grad_accum=1, rank=0, world_size=1, seed=0)
+    with pytest.raises(UserError, match="token id 5000 at token 321"):  # the loader's batch: every window once
+        batches.batch(0, 0)
+    with pytest.raises(UserError, match="records no checksums"):
+        verify_shards(root)
+
+
+@pytest.mark.parametrize("key", ["tokenizer_fingerprint", "vocab_size", "dtype", "splits", "checksum"])
+def test_manifest_missing_a_key_names_it(tmp_path, key):
+    root = write_data_dir(tmp_path / "d", [np.arange(100)])
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest[key]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"manifest.json has no {key} .*prepare_data.py --overwrite"):
+        load_manifest(root)
+
+
+def test_manifest_shard_entry_missing_a_key_and_random_bytes(tmp_path):
+    root = write_data_dir(tmp_path / "d", [np.arange(100)])
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["splits"]["train"]["shards"][0]["crc32"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"has no splits.train.shards\[0\].crc32 "):
+        load_manifest(root)
+    (root / "manifest.json").write_bytes(os.urandom(100) + b"\xff")
+    with pytest.raises(UserError, match="manifest.json is not valid JSON"):
+        load_manifest(root)
