@@ -191,6 +191,19 @@ class TrainConfig:
     resume: str = ""
     """'' starts fresh (refusing a run_dir that already has checkpoints), 'latest' continues from the
     newest checkpoint in run_dir, or a path to a checkpoint directory."""
+    time_limit: str = ""
+    """Wall-clock budget of this run from its start: '' (none), seconds (5400), with a unit (90m, 2h) or SLURM's
+    [D-]HH:MM:SS. Before it runs out, the run saves a checkpoint and stops as on SIGTERM, keeping room for its
+    longest step and its longest save so far (before the first save, an estimate) plus a margin
+    (dist_lm/train/stop.py)."""
+    stall_timeout_s: int = 300
+    """Seconds any collective (gradient all-reduce, loss reduction, the stop check) may wait for the other processes;
+    past it the job ends with a message naming what timed out instead of hanging (gloo's and NCCL's default is 30
+    minutes). Give it more than the longest checkpoint save and evaluation, during which the others wait."""
+    stop_check_steps: int = 1
+    """Every this many optimizer steps the processes agree whether to stop (a signal, the time limit): one all-reduce
+    of one integer over a gloo group on the CPU, which never waits for the GPU. A signal between checks takes effect
+    at the next one."""
 
 
 @dataclass
@@ -405,6 +418,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `time_limit: 5400` or `name: 7` as numbers; the field wants the text
         raise UserError(f"config key {key}={value!r} must be a string")
     raise AssertionError(f"unsupported annotation {hint} for {key}")
 
@@ -424,6 +439,7 @@ def validate(cfg: RunConfig) -> None:
         ("train.max_steps", t.max_steps), ("train.eval_interval", t.eval_interval),
         ("train.eval_batches", t.eval_batches), ("train.log_interval", t.log_interval),
         ("train.ddp_bucket_mb", t.ddp_bucket_mb), ("train.fsdp_group_blocks", t.fsdp_group_blocks),
+        ("train.stall_timeout_s", t.stall_timeout_s), ("train.stop_check_steps", t.stop_check_steps),
     ]:
         need(value >= 1, key, value, "must be a positive integer")
     need(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
@@ -453,6 +469,10 @@ def validate(cfg: RunConfig) -> None:
     need(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 saves only at the end)")
     need(c.keep_last >= 0, "checkpoint.keep_last", c.keep_last, "must be >= 0 (0 keeps all)")
     need(t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0")
+    from dist_lm.train.stop import parse_duration  # late: dist_lm.train imports this module
+
+    limit = parse_duration(t.time_limit)
+    need(limit is None or limit > 0, "train.time_limit", t.time_limit, "a positive duration, or '' for none")
     need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
 
 

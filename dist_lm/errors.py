@@ -16,3 +16,8 @@ class UserError(ValueError):
 class StorageError(OSError):
     """A write that failed for want of space or permission (a full disk, a read-only directory): the message names
     the path, the free space and what was kept; whatever was written before is left intact."""
+
+
+class StallError(RuntimeError):
+    """A collective failed because another process stopped answering (stalled, stopped, killed) within
+    train.stall_timeout_s: the job ends here, and resumes from its last checkpoint."""

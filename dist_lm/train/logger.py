@@ -10,12 +10,16 @@ Design decisions:
   interval's earlier steps (their losses) go to the files only. The progress bar is for a person at a terminal
   (it is off when stderr is not one); logs and CI get the lines.
 - Non-main ranks hold a logger too (with a NullTracker), so the loop never asks which rank it is on.
+- How the run ended goes to run_dir/status.json as well as MLflow: a job script reads it without MLflow (a
+  launcher reports every failed worker as exit status 1, so the status alone cannot tell a stop from a crash).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +30,7 @@ from tqdm import tqdm
 from dist_lm.train.tracking import NullTracker
 
 METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
 COMPILE_METRIC = "perf/compile_and_first_step_s"
 # What a console line shows of a row, in this order (a row naming none of these prints nothing).
 CONSOLE_FIELDS = (
@@ -95,10 +100,27 @@ class RunLogger:
         """One optimizer step done (the progress bar)."""
         self._bar.update(1)
 
-    def close(self, status: str) -> None:
-        """End the progress bar and the MLflow run (FINISHED, FAILED or KILLED)."""
+    def close(self, status: str, *, step: int | None = None, reason: str | None = None,
+              checkpoint: Path | None = None) -> None:
+        """End the progress bar and the MLflow run, and write how the run ended to run_dir/status.json: FINISHED,
+        KILLED (stopped early by `reason`, a signal or the time limit) or FAILED, at `step`, its last checkpoint."""
         self._bar.close()
+        if self.is_main:
+            write_status(self.run_dir, status, step=step, reason=reason, checkpoint=checkpoint)
         self.tracker.close(status)
+
+
+def write_status(run_dir: Path, status: str, *, step: int | None, reason: str | None,
+                 checkpoint: Path | None) -> Path:
+    """run_dir/status.json: how the last process to train this run ended, for job scripts (requeue on KILLED) and
+    people; written whole to a temporary file and renamed, so a reader never sees half of it."""
+    path = run_dir / STATUS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"status": status, "step": step, "reason": reason,
+                               "checkpoint": str(checkpoint) if checkpoint else None,
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def append_jsonl(path: Path, rows: list[dict]) -> None:

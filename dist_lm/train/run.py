@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
@@ -42,6 +43,7 @@ from dist_lm.train.checkpoint import (
 )
 from dist_lm.train.logger import RunLogger
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
+from dist_lm.train.stop import StopCheck, host_group, parse_duration
 from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
 
 
@@ -59,6 +61,8 @@ class Run:
     """The optimizer's parameters by model name, in its order (checkpoints key optimizer state by name)."""
     logger: RunLogger
     meter: Throughput
+    stop: StopCheck
+    """Signals, the time limit and the agreement between ranks on when to stop early."""
     start_step: int
     """Optimizer steps done before this process started (the resumed checkpoint's step; 0 for a fresh run)."""
     step: int = 0
@@ -69,6 +73,10 @@ class Run:
     """Per-step losses on the device since the last log, read at the next one (no host sync inside a step)."""
     grad_norm: torch.Tensor | None = None
     """The last step's gradient norm, on the device."""
+    saved_step: int | None = None
+    """The step of the last checkpoint this process saved (None: none yet)."""
+    stopped: int = 0
+    """Why the run stopped before train.max_steps (a dist_lm.train.stop reason code; 0: it did not)."""
     started_at: float = field(default_factory=time.perf_counter)
 
     @property
@@ -108,8 +116,11 @@ def build_run(cfg: RunConfig) -> Run:
     logger = open_logger(cfg, accelerator, start_step, run_id, model.num_parameters())
     meter = Throughput(cfg.tokens_per_step(world), flops_per_token(cfg.model), peak_flops(accelerator.device), world)
     meter.reset(start_step)
+    stop = StopCheck(time_limit_s=parse_duration(t.time_limit), check_every=t.stop_check_steps,
+                     group=host_group(t.stall_timeout_s), world_size=world,
+                     first_save_bytes=12 * model.num_parameters())  # fp32 weights and two AdamW moments
     run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, batches=batches, eval_batches=eval_batches,
-              model=parallel, param_names=param_names, logger=logger, meter=meter, start_step=start_step,
+              model=parallel, param_names=param_names, logger=logger, meter=meter, stop=stop, start_step=start_step,
               step=start_step)
     logger.say(start_line(run))
     run.started_at = time.perf_counter()
@@ -126,7 +137,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum_steps,
                                                                 sync_with_dataloader=False),
         mixed_precision=None if t.mixed_precision == "launcher" else t.mixed_precision,
-        kwargs_handlers=[ddp_kwargs(cfg)],  # read only when the launch is DDP
+        kwargs_handlers=[
+            ddp_kwargs(cfg),  # read only when the launch is DDP
+            # every collective of the default group gives up after this, instead of gloo's and NCCL's 30 minutes
+            InitProcessGroupKwargs(timeout=timedelta(seconds=t.stall_timeout_s)),
+        ],
     )
 
 

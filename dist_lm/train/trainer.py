@@ -19,6 +19,8 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,16 @@ from accelerate.utils import gather_object
 
 from dist_lm.config import RunConfig, config_to_dict
 from dist_lm.data import EvalBatches
+from dist_lm.errors import StallError
 from dist_lm.model import TransformerLM, sample_text
 from dist_lm.optim import clip_grad_norm, cosine_with_warmup
 from dist_lm.parallel import ParallelModel
 from dist_lm.train.checkpoint import full_tensor, model_state_full, optimizer_to_tensors, rng_state, save_checkpoint
 from dist_lm.train.determinism import deterministic
+from dist_lm.train.lock import RunDirLock
 from dist_lm.train.logger import COMPILE_METRIC
 from dist_lm.train.run import Run, build_run
+from dist_lm.train.stop import reason_text
 
 
 @dataclass
@@ -50,6 +55,8 @@ class TrainResult:
     mlflow_run_id: str | None = None
     tokens_per_s: float = 0.0
     sample: str = ""
+    stopped: str | None = None
+    """Why the run stopped before train.max_steps ("SIGTERM", "the time limit ..."); None when it did not."""
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -60,26 +67,54 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _train(cfg: RunConfig) -> TrainResult:
-    run = build_run(cfg)
-    result = TrainResult(run_dir=cfg.output_dir(), mlflow_run_id=run.logger.run_id)
+    # The main process locks the run directory before anything reads or writes it (RANK: the launch's rank, known
+    # before the process group exists; absent when nothing launched several processes).
+    lock = RunDirLock(cfg.output_dir(), cfg.name) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        run = build_run(cfg)
+        result = TrainResult(run_dir=cfg.output_dir(), mlflow_run_id=run.logger.run_id)
+        train_steps(run, result)
+        finish(run, result)
+        return result
+    except RuntimeError as exc:
+        if not _lost_peer(exc):
+            raise
+        raise StallError(f"a collective gave up waiting for the other processes after train.stall_timeout_s="
+                         f"{cfg.train.stall_timeout_s} s ({_first_line(exc)}): a process stalled, stopped or died, "
+                         "so this one ends the job; continue from the last checkpoint with train.resume=latest"
+                         ) from exc
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_steps(run: Run, result: TrainResult) -> None:
+    """The loop, until max_steps or an agreed early stop (then a checkpoint of the last step); the MLflow run and
+    status.json end FINISHED, KILLED (stopped early) or FAILED."""
+    cfg = run.cfg
     status = "FAILED"
+    run.stop.install()
     try:
         while not should_stop(run):
             optimizer_step(run)
             run.logger.advance()
             first_step_done(run)
-            checkpoint_due = _due(run, run.cfg.checkpoint.interval)
+            checkpoint_due = _due(run, cfg.checkpoint.interval)
             if _due(run, cfg.train.log_interval) or checkpoint_due or run.step == run.start_step + 1:
                 log_progress(run, result)
             if _due(run, cfg.train.eval_interval):
                 evaluate_and_log(run, result)
             if checkpoint_due:
                 result.last_checkpoint = save_checkpoint_now(run)
-        status = "FINISHED"
+        if run.stopped:
+            stop_early(run, result)
+        status = "KILLED" if run.stopped else "FINISHED"
     finally:
-        run.logger.close(status)
-    finish(run, result)
-    return result
+        run.stop.restore()
+        run.logger.close(status, step=run.step, reason=reason_text(run.stopped) if run.stopped else None,
+                         checkpoint=result.last_checkpoint)
 
 
 def _due(run: Run, interval: int) -> bool:
@@ -88,8 +123,27 @@ def _due(run: Run, interval: int) -> bool:
 
 
 def should_stop(run: Run) -> bool:
-    """Whether the loop ends before another step: max_steps reached."""
-    return run.step >= run.cfg.train.max_steps
+    """Whether the loop ends before another step: max_steps reached, or the ranks agree to stop early (a signal, the
+    time limit: dist_lm.train.stop)."""
+    if run.step >= run.cfg.train.max_steps:
+        return True
+    run.stopped = run.stop.due(run.step)
+    return bool(run.stopped)
+
+
+def stop_early(run: Run, result: TrainResult) -> None:
+    """After an agreed stop: log the steps not logged yet, save this step's checkpoint (unless it is saved already,
+    or no step ran), and say where the run stopped and how to continue it."""
+    why = reason_text(run.stopped)
+    if run.pending_losses:
+        log_progress(run, result)
+    if run.step > run.start_step and run.saved_step != run.step:
+        result.last_checkpoint = save_checkpoint_now(run)
+    result.stopped = why
+    where = (f"after step {run.step}/{run.cfg.train.max_steps}" if run.step > run.start_step
+             else f"before its first step (at step {run.step})")
+    saved = f"checkpoint {result.last_checkpoint}" if result.last_checkpoint else "no new checkpoint"
+    run.logger.say(f"stopped by {why} {where}; {saved}; the same command with train.resume=latest continues the run")
 
 
 def optimizer_step(run: Run) -> None:
@@ -185,6 +239,7 @@ def save_checkpoint_now(run: Run) -> Path | None:
     """A consolidated checkpoint of this step, written by the main process (returns its path there, None
     elsewhere). Under FSDP2 every rank takes part in gathering the shards; every rank contributes its RNG state."""
     acc, model = run.accelerator, run.model
+    started = time.perf_counter()
     rngs = gather_object([rng_state()])
     path = None
     if model.fsdp is not None or acc.is_main_process:
@@ -207,6 +262,8 @@ def save_checkpoint_now(run: Run) -> Path | None:
                                keep_last=run.cfg.checkpoint.keep_last)
         run.logger.say(f"step {run.step:>6}/{run.cfg.train.max_steps} | saved {path}")
     acc.wait_for_everyone()
+    run.saved_step = run.step
+    run.stop.note_save(time.perf_counter() - started)
     run.meter.reset(run.step)
     return path
 
@@ -214,7 +271,7 @@ def save_checkpoint_now(run: Run) -> Path | None:
 def finish(run: Run, result: TrainResult) -> None:
     """The end-of-run sample and the MLflow hint, then release what holds the process group."""
     t, acc = run.cfg.train, run.accelerator
-    if t.sample_tokens > 0:
+    if t.sample_tokens > 0 and not run.stopped:  # a stopped run is short of time: no sample
         # A sharded forward needs every rank in lockstep, so under FSDP2 rank 0 samples from a gathered copy.
         sampler = run.model.raw if run.model.fsdp is None else _gathered_copy(run.model.raw, run.cfg, acc)
         if acc.is_main_process:
@@ -250,3 +307,16 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# How a collective reports that another process is gone: NCCL's own error type; gloo's RuntimeError texts (a
+# timeout waiting for a peer, a peer's socket closed).
+_GLOO_LOST_PEER = re.compile(r"Timed out waiting|Connection closed by peer|Connection reset by peer")
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistBackendError) or bool(_GLOO_LOST_PEER.search(str(exc)))
