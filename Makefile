@@ -23,7 +23,7 @@ demo: install
 
 # The same demo as two CPU processes (DDP over gloo).
 demo-ddp: install
-	$(ACCELERATE) --config_file configs/accelerate/cpu_ddp.yaml launch/train.py --config configs/demo.yaml \
+	$(ACCELERATE) -q --config_file configs/accelerate/cpu_ddp.yaml launch/train.py --config configs/demo.yaml \
 		name=demo-ddp $(ARGS)
 
 # The whole suite: unit, integration (real accelerate launch, real MLflow); tests/gpu skips without CUDA.
