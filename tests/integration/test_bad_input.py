@@ -125,3 +125,14 @@ def test_generate_speaks_of_the_prompt(tmp_path, run_dir):
     proc = ok(script("generate.py", "--checkpoint", str(run_dir), "--prompt", "Once upon a time",
                      "--max-new-tokens", "5", cwd=tmp_path))  # the same checkpoint works with a prompt
     assert proc.stdout.startswith("Once upon a time")
+
+
+@pytest.mark.parametrize("value, shown", [("null", "is null"), ("17", "is a int ('17')")])
+def test_prepare_data_names_the_jsonl_line_whose_text_is_not_text(tmp_path, value, shown):
+    src = tmp_path / "corpus.jsonl"
+    src.write_text('{"text": "Tom saw a ball."}\n{"text": "Sam said hello."}\n{"text": ' + value + "}\n"
+                   '{"text": "The end."}\n')
+    proc = script("prepare_data.py", "--source", str(src), "--tokenizer", str(TOKENIZER), "--out",
+                  str(tmp_path / "shards"), cwd=tmp_path)
+    one_line_error(proc, f"{src}:3: field 'text' (data.text_field) {shown}, not text")
+    assert not (tmp_path / "shards").exists()

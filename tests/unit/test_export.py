@@ -73,3 +73,14 @@ def test_export_files_get_the_umask_modes(checkpoint, tmp_path, umask):
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in [tmp_path / "exports", out, *out.iterdir()]}
     assert modes == {"exports": oct(0o777 & ~umask), "hf": oct(0o777 & ~umask),
                      **{f: oct(0o666 & ~umask) for f in files}}
+
+
+def test_export_refuses_a_damaged_checkpoint_naming_the_file(checkpoint, tmp_path):
+    path, _ = checkpoint
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 100] = os.urandom(100)  # bit rot: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"checkpoint file {weights} is corrupt \\(its sha256 is "):
+        export_to_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
