@@ -25,7 +25,10 @@ def one_line_error(proc, *fragments: str, status: int = 2) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    # run_dir/.lock names whoever holds the run directory (dist_lm.train.lock), so every attempt rewrites it, refused
+    # or not; what must stay untouched is the rest.
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def test_missing_config_file(tmp_path):
