@@ -100,11 +100,10 @@ def _why_incomplete(path: Path) -> str | None:
     if not file.is_file():
         return f"it has no {STATE_FILE} (a save or a prune was interrupted, or files were removed)"
     try:
-        if isinstance(json.loads(file.read_bytes()), dict):
-            return None
+        state = json.loads(file.read_bytes())
     except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
-        pass
-    return f"its {STATE_FILE} is not readable JSON"
+        state = None
+    return None if isinstance(state, dict) else f"its {STATE_FILE} is not readable JSON"
 
 
 def _latest_complete(run_dir: str | Path, purpose: str) -> Path | None:
