@@ -39,7 +39,11 @@ def run_main(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except USER_ERRORS as exc:
-        _say(f"error: {exc}")
+        rank = getattr(exc, "rank", None)  # set on an error only one rank saw (the trainer's data reads)
+        if rank:
+            print(f"error: rank {rank}: {exc}", file=sys.stderr)
+        else:
+            _say(f"error: {exc}")
         sys.exit(EXIT_USER_ERROR)
     except StallError as exc:
         print(f"error: {exc}", file=sys.stderr)  # from whichever rank saw it: the stalled one may be rank 0
@@ -47,7 +51,7 @@ def run_main(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         _say("error: interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    sys.exit(code or 0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _say(line: str) -> None:

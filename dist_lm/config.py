@@ -28,6 +28,7 @@ MixedPrecision = Literal["launcher", "no", "bf16", "fp16"]
 FSDPUnit = Literal["block", "group", "model"]
 CompileMode = Literal["model", "blocks", "cudagraphs"]
 GradSync = Literal["ddp", "coalesced"]
+ShardVerify = Literal["lazy", "full", "none"]
 
 
 @dataclass
@@ -85,6 +86,9 @@ class DataConfig:
     val_fraction: float = 0.05
     """Fraction of documents held out for validation when the source has no validation split (taken from the end);
     in (0, 1)."""
+    verify_shards: ShardVerify = "lazy"
+    """Checksums of the token shards (manifest.json): lazy checks each 256 KiB block the first time a batch reads
+    it; full reads every shard at start-up; none skips them. Sizes and the largest token id are checked either way."""
 
 
 @dataclass

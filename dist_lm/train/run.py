@@ -172,7 +172,10 @@ def open_data(cfg: RunConfig, accelerator: Accelerator) -> tuple[Tokenizer, Shar
                                val_fraction=d.val_fraction, log=tqdm.write)
     manifest = load_manifest(data_dir)
     check_tokenizer(manifest, tokenizer.fingerprint(), data_dir)
-    return tokenizer, ShardedTokens.open(data_dir, "train", manifest), ShardedTokens.open(data_dir, "val", manifest)
+    # ids at or above the tokenizer's vocabulary are refused at open; checksums as data.verify_shards says
+    splits = [ShardedTokens.open(data_dir, split, manifest, vocab_size=tokenizer.vocab_size, verify=d.verify_shards)
+              for split in ("train", "val")]
+    return tokenizer, *splits
 
 
 # Model fields that change the weights or the function; backends and kernels may change across a resume.

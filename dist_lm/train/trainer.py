@@ -21,21 +21,29 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from dist_lm.config import RunConfig, config_to_dict
 from dist_lm.data import EvalBatches
-from dist_lm.errors import StallError
+from dist_lm.errors import StallError, StorageError, UserError
 from dist_lm.model import TransformerLM, sample_text
 from dist_lm.optim import clip_grad_norm, cosine_with_warmup
 from dist_lm.parallel import ParallelModel
-from dist_lm.train.checkpoint import full_tensor, model_state_full, optimizer_to_tensors, rng_state, save_checkpoint
+from dist_lm.train.checkpoint import (
+    full_tensor,
+    model_state_full,
+    optimizer_to_tensors,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+)
 from dist_lm.train.determinism import deterministic
 from dist_lm.train.lock import RunDirLock
 from dist_lm.train.logger import COMPILE_METRIC
@@ -73,6 +81,8 @@ def _train(cfg: RunConfig) -> TrainResult:
     try:
         if lock is not None:
             lock.acquire()
+            for leftover in remove_leftovers(cfg.output_dir()):  # under the lock: no save of another run is underway
+                print(f"removed {leftover}, left by an interrupted save or prune", file=sys.stderr)
         run = build_run(cfg)
         result = TrainResult(run_dir=cfg.output_dir(), mlflow_run_id=run.logger.run_id)
         train_steps(run, result)
@@ -159,7 +169,11 @@ def optimizer_step(run: Run) -> None:
     model.begin_step()
     step_loss = torch.zeros((), device=acc.device)
     for micro in range(accum):
-        host_x, host_y = run.batches.batch(step, micro)
+        try:
+            host_x, host_y = run.batches.batch(step, micro)
+        except UserError as exc:  # damaged data that only this rank reads: it must speak, whichever rank it is
+            exc.rank = acc.process_index
+            raise
         x, y = to_device(host_x, acc.device), to_device(host_y, acc.device)
         with acc.accumulate(model.module):
             loss = model.forward(x, y, host_tokens=host_x, sync=acc.sync_gradients)
@@ -241,7 +255,7 @@ def save_checkpoint_now(run: Run) -> Path | None:
     acc, model = run.accelerator, run.model
     started = time.perf_counter()
     rngs = gather_object([rng_state()])
-    path = None
+    path = failure = None
     if model.fsdp is not None or acc.is_main_process:
         model_state = model_state_full(model.raw)
         tensors, groups = optimizer_to_tensors(model.optimizer.optimizer, run.param_names)
@@ -258,9 +272,17 @@ def save_checkpoint_now(run: Run) -> Path | None:
             "mlflow_run_id": run.logger.run_id,
             "world_size": run.world,
         }
-        path = save_checkpoint(run.cfg.output_dir(), run.step, model_state, tensors, state,
-                               keep_last=run.cfg.checkpoint.keep_last)
-        run.logger.say(f"step {run.step:>6}/{run.cfg.train.max_steps} | saved {path}")
+        try:
+            path = save_checkpoint(run.cfg.output_dir(), run.step, model_state, tensors, state,
+                                   keep_last=run.cfg.checkpoint.keep_last)
+            run.logger.say(f"step {run.step:>6}/{run.cfg.train.max_steps} | saved {path}")
+        except StorageError as exc:
+            failure = exc
+    # Every rank learns whether the save worked, so all stop together instead of the others waiting for the main
+    # process in the next collective until train.stall_timeout_s.
+    failed = broadcast_object_list([str(failure) if acc.is_main_process and failure else None])[0]
+    if failed:
+        raise failure if acc.is_main_process else StorageError(f"the main process could not save: {failed}")
     acc.wait_for_everyone()
     run.saved_step = run.step
     run.stop.note_save(time.perf_counter() - started)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,21 @@ def test_full_disk_is_one_line_and_the_run_continues_once_there_is_room(tmp_path
         a, b = step_losses(straight), step_losses(run)
         assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (a, b)
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+
+
+def test_full_disk_under_two_processes_stops_both_at_once(tmp_path, sample_shards, straight):
+    """The main process's failed save reaches the other rank at once (a broadcast after the save), so the job ends
+    in seconds with the main process's line, not after train.stall_timeout_s with a stall."""
+    checkpoint = sum(p.stat().st_size for p in (straight / "checkpoints" / "step_0000003").iterdir())
+    with tmpfs(tmp_path / "disk", checkpoint * 135 // 100) as disk:
+        run = disk / "run"
+        started = time.monotonic()
+        proc = launch(tiny_run(run, sample_shards, "train.batch_size=4", "train.stall_timeout_s=120"),
+                      accelerate_config="cpu_ddp.yaml", cwd=tmp_path)
+        took = time.monotonic() - started
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+        assert "could not save checkpoint" in errors[0] and "No space left on device" in errors[0], errors
+        assert "exitcode  : 2" in proc.stderr and "stall" not in proc.stderr
+        assert took < 90, took  # start-up and 6 steps, far from the 120 s stall timeout
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000003"]
