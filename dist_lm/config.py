@@ -194,12 +194,13 @@ class TrainConfig:
     """Prompt for the end-of-run sample."""
     resume: str = ""
     """'' starts fresh (refusing a run_dir that already has checkpoints), 'latest' continues from the
-    newest checkpoint in run_dir, or a path to a checkpoint directory."""
+    newest checkpoint in run_dir, 'auto' is 'latest' when run_dir holds a checkpoint and a fresh start otherwise (one
+    command for a job's first start and its restarts), or a path to a checkpoint directory."""
     time_limit: str = ""
-    """Wall-clock budget of this run from its start: '' (none), seconds (5400), with a unit (90m, 2h) or SLURM's
-    [D-]HH:MM:SS. Before it runs out, the run saves a checkpoint and stops as on SIGTERM, keeping room for its
-    longest step and its longest save so far (before the first save, an estimate) plus a margin
-    (dist_lm/train/stop.py)."""
+    """Wall-clock budget of this run from its start: seconds (5400), with a unit (90m, 2h) or SLURM's [D-]HH:MM:SS;
+    '' is the end of the SLURM job the run is in (none outside SLURM), 'none' no limit at all. Before it runs out,
+    the run saves a checkpoint and stops as on SIGTERM, keeping room for its longest step and its longest save so
+    far (before the first save, an estimate) plus a margin (dist_lm/train/stop.py)."""
     stall_timeout_s: int = 300
     """Seconds any collective (gradient all-reduce, loss reduction, the stop check) may wait for the other processes;
     past it the job ends with a message naming what timed out instead of hanging (gloo's and NCCL's default is 30

@@ -144,6 +144,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
 
     A fresh start into a run_dir that already holds checkpoints is refused, so nothing is overwritten.
     `latest` is the newest complete checkpoint; newer incomplete ones are skipped with a warning naming them.
+    `auto` is `latest` when there is one, else a fresh start.
     """
     existing = list_checkpoints(run_dir)
     if not resume:
@@ -151,6 +152,8 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
             raise UserError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass "
                             "train.resume=latest to continue that run, or set name=/run_dir= to start a new one")
         return None
+    if resume == "auto":  # the same command for a job's first start and every restart (a requeued SLURM job)
+        return _latest_complete(run_dir, "train.resume=auto")
     if resume == "latest":
         latest = _latest_complete(run_dir, "train.resume=latest")
         if latest is None:

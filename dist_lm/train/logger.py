@@ -74,6 +74,10 @@ class RunLogger:
         if artifact is not None:
             self.tracker.log_artifact(str(artifact))
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the MLflow run (set again by each process that trains it: a resumed run updates them)."""
+        self.tracker.log_tags(tags)
+
     def log(self, step: int, metrics: dict[str, float], *,
             earlier: Mapping[int, dict[str, float]] | None = None) -> None:
         """One row at `step`, shown as one console line, after the rows of `earlier` steps, which go to

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from tqdm import tqdm
 
 from dist_lm.config import RunConfig, config_to_dict, flatten_config, save_config
@@ -31,6 +36,7 @@ from dist_lm.model import TransformerLM
 from dist_lm.optim import AdamW, param_groups
 from dist_lm.parallel import ParallelModel, ddp_kwargs, parallelize
 from dist_lm.tokenizer import Tokenizer, load_tokenizer
+from dist_lm.train import slurm
 from dist_lm.train.checkpoint import (
     RESUME_KEYS,
     Checkpoint,
@@ -116,7 +122,7 @@ def build_run(cfg: RunConfig) -> Run:
     logger = open_logger(cfg, accelerator, start_step, run_id, model.num_parameters())
     meter = Throughput(cfg.tokens_per_step(world), flops_per_token(cfg.model), peak_flops(accelerator.device), world)
     meter.reset(start_step)
-    stop = StopCheck(time_limit_s=parse_duration(t.time_limit), check_every=t.stop_check_steps,
+    stop = StopCheck(time_limit_s=time_limit_s(t.time_limit, accelerator), check_every=t.stop_check_steps,
                      group=host_group(t.stall_timeout_s), world_size=world,
                      first_save_bytes=12 * model.num_parameters())  # fp32 weights and two AdamW moments
     run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, batches=batches, eval_batches=eval_batches,
@@ -125,6 +131,15 @@ def build_run(cfg: RunConfig) -> Run:
     logger.say(start_line(run))
     run.started_at = time.perf_counter()
     return run
+
+
+def time_limit_s(setting: str, accelerator: Accelerator) -> float | None:
+    """train.time_limit in seconds; '' inside a SLURM job: the time to the job's end, which the main process reads
+    and every rank receives (one query to SLURM, and one deadline for all)."""
+    if setting:
+        return parse_duration(setting)
+    left = slurm.seconds_left() if accelerator.is_main_process else None
+    return broadcast_object_list([left])[0] if accelerator.num_processes > 1 else left
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -232,6 +247,7 @@ def open_logger(cfg: RunConfig, accelerator: Accelerator, start_step: int, run_i
                            run_name=cfg.name, run_id=run_id, system_metrics=tracking.system_metrics)
     logger = RunLogger(run_dir, tracker=tracker, is_main=accelerator.is_main_process, start_step=start_step,
                        max_steps=cfg.train.max_steps)
+    logger.log_tags({**slurm.job_tags(), "num_processes": str(accelerator.num_processes)})  # this process's job
     if start_step == 0:
         world = accelerator.num_processes
         logger.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,

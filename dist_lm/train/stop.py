@@ -43,13 +43,14 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def parse_duration(text: str) -> float | None:
-    """Seconds in a duration: '' -> None; 5400, '90m', '2h', '1.5h', '45s'; SLURM's 'MM:SS', 'HH:MM:SS', 'D-HH:MM:SS'.
+    """Seconds in a duration: '' or 'none' -> None; 5400, '90m', '2h', '1.5h', '45s'; SLURM's 'MM:SS', 'HH:MM:SS',
+    'D-HH:MM:SS'.
 
     >>> [parse_duration(t) for t in ("", "5400", "90m", "1.5h", "1:30:00", "2-00:00:00", "10:00", "1-12")]
     [None, 5400.0, 5400.0, 5400.0, 5400.0, 172800.0, 600.0, 129600.0]
     """
     text = text.strip()
-    if not text:
+    if not text or text.lower() == "none":
         return None
     unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
     if unit:

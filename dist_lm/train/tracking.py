@@ -42,6 +42,9 @@ class NullTracker:
     def log_artifact(self, path: str) -> None:
         pass
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        pass
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -109,6 +112,12 @@ class MlflowTracker(NullTracker):
 
     def log_artifact(self, path: str) -> None:
         self._guard("log_artifact", self.run_id, path)
+
+    def log_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            self._guard("log_batch", self.run_id, [], [], [RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def close(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:

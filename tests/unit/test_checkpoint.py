@@ -128,6 +128,14 @@ def test_resume_resolution_errors(tmp_path):
         resolve_resume(tmp_path, str(tmp_path))
 
 
+def test_resume_auto_is_a_fresh_start_then_the_latest(tmp_path):
+    assert resolve_resume(tmp_path, "auto") is None  # a job's first start
+    model, opt = trained_pair()
+    for step in (5, 10):
+        save(tmp_path, step, model, opt)
+    assert resolve_resume(tmp_path, "auto").name == "step_0000010"  # every restart
+
+
 def test_corrupt_files_give_one_clear_error(tmp_path):
     model, opt = trained_pair()
     path = save(tmp_path, 5, model, opt)
