@@ -83,9 +83,11 @@ class Slurm:
             env["SLURM_CONF"] = str(self.conf)
         return {**env, **(extra or {})}
 
-    def run(self, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run a SLURM command (scontrol, squeue, scancel, srun ...) against this cluster; output as text."""
-        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, timeout: float = 30, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+        """Run a SLURM command (scontrol, squeue, scancel, sbatch, srun ...) against this cluster; output as text.
+        A job submitted here starts in `cwd` (default: this process's, the checkout under `make test`): pass
+        tmp_path, or --output, so that its slurm-<id>.out does not land there."""
+        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
     def sbatch_wait(self, script: str | os.PathLike, *args: str, timeout: float = 120,
                     cwd: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
@@ -134,19 +136,28 @@ class Slurm:
         job_id = out.split(";")[0].strip()
         if not job_id:
             raise RuntimeError(f"sbatch refused the job (exit {proc.returncode}): {shlex.join(cmd)}\n{err.strip()}")
-        info = self._wait_final(job_id, deadline)
+        info = self._poll_final(job_id, deadline)
         if info is None:
             self._cancel_and_raise(job_id, timeout)
-        self._final[job_id] = info
         # sbatch's own status is this number (it reads the same ExitCode), unless it took a state that was not the
         # end for the end (a requeue): then the final run's counts.
         return SbatchResult(sbatch_returncode(info["ExitCode"]), job_id)
 
+    def wait(self, job_id: str, timeout: float = 120) -> dict[str, str]:
+        """Wait until a job (submitted any way: `run("sbatch", "--parsable", ...)`) is in a final state, polling
+        `scontrol show job` every 0.5 s, and return that record. A requeued job is PENDING, not final, until its
+        next run ends: this waits through requeues. On `timeout` seconds it raises TimeoutError and leaves the
+        job alone (cancel it yourself: `run("scancel", job_id)` is a no-op for a job that ended)."""
+        info = self._poll_final(job_id, time.monotonic() + timeout)
+        if info is None:
+            raise TimeoutError(f"job {job_id} did not end in {timeout} s: {self.job_info(job_id).get('JobState')}")
+        return info
+
     def job_info(self, job_id: str) -> dict[str, str]:
         """`scontrol show job -o <id>` as {key: value} (JobState, ExitCode, Restarts, NodeList, StdOut ...).
 
-        A finished job leaves slurmctld MinJobAge (16 s) after it ends; for a job that sbatch_wait saw end, its
-        final record is returned after that."""
+        A finished job leaves slurmctld MinJobAge (16 s) after it ends; for a job that sbatch_wait or wait saw
+        end, its final record is returned after that."""
         proc = self.run("scontrol", "show", "job", "-o", str(job_id))
         if proc.returncode != 0 or not proc.stdout.strip():
             if job_id in self._final:
@@ -159,10 +170,11 @@ class Slurm:
         path = Path(self.job_info(job_id)["StdOut"])
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _wait_final(self, job_id: str, deadline: float) -> dict[str, str] | None:
+    def _poll_final(self, job_id: str, deadline: float) -> dict[str, str] | None:
         while True:
             info = self.job_info(job_id)
             if info.get("JobState") in FINAL_STATES:
+                self._final[job_id] = info  # for job_info once slurmctld has purged the job
                 return info
             if time.monotonic() > deadline:
                 return None
@@ -171,7 +183,7 @@ class Slurm:
     def _cancel_and_raise(self, job_id: str, timeout: float) -> NoReturn:
         self.run("scancel", job_id)
         try:
-            info = self._wait_final(job_id, time.monotonic() + 45)  # KillWait is 30 s
+            info = self._poll_final(job_id, time.monotonic() + 45)  # KillWait is 30 s
             state = f"JobState={info['JobState']} Reason={info.get('Reason')}" if info else "still not ended"
             tail = self.output(job_id)[-3000:]
         except LookupError as e:

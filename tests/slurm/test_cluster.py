@@ -53,6 +53,14 @@ def test_exit_status_comes_back(slurm, tmp_path):
     assert slurm.output(job_id) == "before-exit\n"
 
 
+def test_wait_follows_a_job_submitted_without_wait(slurm, tmp_path):
+    script = job_script(tmp_path, "sleep 1\nexit 5\n")
+    submitted = slurm.run("sbatch", "--parsable", "--time=1", str(script), cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    info = slurm.wait(submitted.stdout.split(";")[0].strip(), timeout=60)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "5:0"), info
+
+
 def test_job_that_requeues_itself_completes_on_its_second_run(slurm, tmp_path):
     # The pattern of a job script that is preempted or near its time limit: requeue itself and let the next run
     # resume. The requeue kills this run at once; the second run (SLURM_RESTART_COUNT=1) finishes.
