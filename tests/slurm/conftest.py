@@ -106,15 +106,16 @@ class Slurm:
         TimeoutError raises with its state and the tail of its output. A refused submission raises RuntimeError
         with sbatch's message (EnforcePartLimits=ALL refuses what could never run).
 
-        Requeues, as measured on SLURM 22.05.8 (Debian 12): `sbatch --wait` does not return when its job is
-        requeued (`scontrol requeue`, or --requeue after a node failure). The running batch script is killed at
+        Requeues, as measured on SLURM 22.05.8 (Debian 12) with `scontrol requeue` from the job itself: `sbatch
+        --wait` does not return when its job is requeued. The running batch script is killed at
         once ("CANCELLED ... DUE TO JOB REQUEUE"); the job goes to PENDING, Reason=BeginTime, never through a
         final state, for cred_expire + 1 s (11 s on the local cluster, 121 s by SLURM's default); then it runs
         again with SLURM_RESTART_COUNT=1 (unset on the first run), and sbatch returns the last run's exit status.
         Its ExitCode and JobState are the last run's; Restarts counts the requeues. The output file is
-        truncated at each start unless the job asks for --open-mode=append. Since sbatch treats any base state
-        past SUSPENDED as finished, this helper still checks the state itself after sbatch returns, and waits on
-        (polling `scontrol show job`) while it is not in FINAL_STATES, then returns the status of the final run.
+        truncated at each start unless the job asks for --open-mode=append. sbatch takes any base state past
+        SUSPENDED for the end (its source), flags aside, so this helper still checks the state itself after sbatch
+        returns, waits on (polling `scontrol show job`) while it is not in FINAL_STATES (COMPLETING, REQUEUED,
+        PENDING), and returns the status of the final run.
         `sbatch --wait` polls on a 2 s, 8 s, 8 s ... back-off here (MinJobAge=16), so it returns up to 8 s after
         the job ends; with SLURM's default MinJobAge (300 s) that is up to 32 s.
         """
