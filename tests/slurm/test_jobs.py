@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -87,9 +88,11 @@ def test_the_warning_signal_checkpoints_requeues_resumes_and_completes(slurm, sh
     long = ("train.max_steps=200", "optim.cosine_steps=200", "train.log_interval=1", "train.eval_interval=1000",
             "checkpoint.interval=1000", "train.batch_size=4")
     run = tmp_path / "job"
+    db = tmp_path / "mlflow.db"
+    tracked = (*long, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=slurm")
     export = "--export=ALL," + ",".join(f"{k}={v}" for k, v in job_env().items())
     submitted = slurm.run("sbatch", "--parsable", f"--output={tmp_path}/%j.out", export,
-                          str(SCRIPTS / "cpu_multinode.sbatch"), *overrides(run, shards, *long))
+                          str(SCRIPTS / "cpu_multinode.sbatch"), *overrides(run, shards, *tracked))
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.split(";")[0].strip()
     try:
@@ -119,6 +122,15 @@ def test_the_warning_signal_checkpoints_requeues_resumes_and_completes(slurm, sh
     assert sorted(a) == sorted(b) == list(range(1, 201))
     assert all(a[s] == b[s] or math.isclose(a[s], b[s], abs_tol=1e-6) for s in a), {
         s: (a[s], b[s]) for s in a if a[s] != b[s]}
+
+    # One MLflow run for both attempts, telling the job it ran in and that it restarted once.
+    con = sqlite3.connect(db)
+    (run_id, status), = con.execute("select run_uuid, status from runs").fetchall()
+    tags = dict(con.execute("select key, value from tags where run_uuid = ?", (run_id,)).fetchall())
+    assert status == "FINISHED" and tags["slurm.job_id"] == job and tags["slurm.restart_count"] == "1", tags
+    assert tags["slurm.num_nodes"] == "2" and tags["slurm.nodelist"] == "n[1-2]" and tags["num_processes"] == "2"
+    steps = [s for (s,) in con.execute("select step from metrics where key = 'train/loss' order by step")]
+    assert steps == list(range(1, 201))  # each step once, across the requeue
 
 
 def _job_sh(slurm, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
