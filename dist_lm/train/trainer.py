@@ -218,14 +218,19 @@ def log_progress(run: Run, result: TrainResult) -> None:
                                  "lower optim.lr, raise optim.warmup_steps, or use train.mixed_precision=bf16 over "
                                  "fp16")
     result.losses.update({first + i: v for i, v in enumerate(losses)})
-    metrics = {"train/loss": losses[-1], "train/lr": run.lr, "train/grad_norm": norm,
-               "epoch": run.batches.epoch_of(run.step)}
+    seq_len = run.cfg.model.seq_len
+    # train/tokens: tokens trained on by all processes after the step, the x-axis on which runs of different world
+    # sizes or batches compare (from the data position, so a resume on another world size still counts right)
+    tokens = {first + i: run.batches.samples_consumed(first + i) * seq_len for i in range(len(losses))}
+    metrics = {"train/loss": losses[-1], "train/tokens": tokens[run.step], "train/lr": run.lr,
+               "train/grad_norm": norm, "epoch": run.batches.epoch_of(run.step)}
     # The first step's line has no throughput: its time is start-up (compilation, allocations, caches).
     speed = run.meter.measure(run.step) if run.step > run.start_step + 1 else {}
     if speed:
         result.tokens_per_s = speed["tokens_per_s"]
         metrics.update({f"perf/{k}": v for k, v in speed.items()})
-    run.logger.log(run.step, metrics, earlier={first + i: {"train/loss": v} for i, v in enumerate(losses[:-1])})
+    run.logger.log(run.step, metrics, earlier={first + i: {"train/loss": v, "train/tokens": tokens[first + i]}
+                                               for i, v in enumerate(losses[:-1])})
 
 
 def evaluate_and_log(run: Run, result: TrainResult) -> None:

@@ -203,3 +203,5 @@ def test_the_loop_logs_each_step_once_and_shows_the_start_loss(tmp_path, sample_
     assert [r["step"] for r in rows if "train/lr" in r] == [1, 3, 4, 6]
     assert [r["step"] for r in rows if "perf/tokens_per_s" in r] == [3, 4, 6]
     assert [r["step"] for r in rows if "val/loss" in r] == [3, 6]
+    # tokens trained on after each step: global batch 8 x seq_len 32 per step
+    assert {r["step"]: r["train/tokens"] for r in rows if "train/loss" in r} == {s: 256 * s for s in range(1, 7)}
