@@ -1,59 +1,48 @@
-"""Autoregressive sampling with a KV cache: temperature, top-k, top-p.
+"""Autoregressive generation for many prompts at once: a static KV cache, sampling on the device, a compiled decode
+step on CUDA.
 
 Design decisions:
-- `KVCache` holds one preallocated (B, H, seq_len, D) key and value buffer per layer, allocated on first
-  use in the dtype and device of the keys (so autocast and bf16 models need no special case). The model
-  writes new keys at `cache.pos` and advances it once per forward, after all layers.
-- The context never exceeds `cfg.seq_len` (RoPE tables and training stop there). When the cache is full,
-  generation slides the window: it keeps the last seq_len // 2 tokens, re-prefills them into an empty cache
-  and goes on. One prefill per seq_len // 2 new tokens keeps the cost linear, at the price of the model
-  seeing half a window right after a slide. A prompt longer than seq_len is cut to its last seq_len tokens.
-- `generate` returns only the new ids, without the eos id that stopped it (a caller that needs to know
-  compares the length to max_new_tokens). temperature 0 is greedy; otherwise sampling draws from
-  `generator` (or the global RNG), so a seeded generator gives the same text.
-- Filters follow the usual order: temperature, then top-k, then top-p (keep the smallest set of tokens,
-  most likely first, whose probability mass reaches top_p; the most likely token always stays).
-- Generation is for an unwrapped single-device model (e.g. rank 0 after gathering a full state dict).
+- `generate_batch(model, prompts, ...)` takes prompts of any lengths. They are right-padded into one prefill and
+  each row keeps its own position (kv_cache.StaticKVCache): a row sees exactly the positions and keys it would
+  see alone, so greedy output for a prompt does not depend on the batch, nor on the cache (`use_cache=False`
+  recomputes the whole context every token: the oracle the tests compare against). `generate(model, ids)` is
+  the one-prompt case.
+- Each row stops at its own eos (not returned) or after max_new_tokens. Rows that stopped keep being decoded
+  with the rest (the shapes stay static); their tokens are dropped on the host.
+- The host reads tokens back only every `sync_every` tokens (one small copy, also the only synchronisation), to
+  learn whether every row has stopped and to stream them (`on_tokens`); so a batch decodes up to
+  sync_every - 1 tokens past its last eos, a price paid in compute, never in output.
+- Sampling runs on the device: temperature, then top-k, then top-p (keep the smallest set of tokens, most likely
+  first, whose mass reaches top_p; the most likely token always stays), then one draw by the exponential race
+  (argmax of p / E, E ~ Exp(1), is a draw from p) instead of torch.multinomial, which can synchronise on CUDA.
+  temperature 0 is greedy. A seeded `generator` makes the draws repeatable for a given batch.
+- On CUDA the one-token decode step is compiled once per process (torch.compile, mode="reduce-overhead":
+  inductor's fused kernels replayed as a CUDA graph); its cache is kept per model and reused by later calls of
+  the same shape, so the graph is recorded once. The prefill stays eager (its length varies) and goes through
+  the model's attention backend (the Triton flash kernel under `auto`). On the CPU everything is eager.
+- The context never exceeds `cfg.seq_len` (RoPE tables and training stop there). A prompt longer than that keeps
+  its last seq_len tokens. When a row's context would pass seq_len, it slides: it keeps its last seq_len // 2
+  tokens and is prefilled again (the batch is, at that point: one prefill per seq_len // 2 new tokens keeps
+  the cost linear, at the price of the model seeing half a window right after a slide).
+- Generation is for an unwrapped single-device model (e.g. rank 0 after gathering a full state dict), run
+  without autocast: the cache and the logits are in the dtype of the weights.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from dist_lm.errors import UserError
+from dist_lm.model.kv_cache import KVCache, StaticKVCache
 
+__all__ = ["KVCache", "filter_logits", "generate", "generate_batch", "sample_next", "sample_text", "sample_tokens"]
 
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer; `pos` is how many positions are filled."""
-
-    def __init__(self, num_layers: int, max_len: int) -> None:
-        self.max_len = max_len
-        self.pos = 0
-        self._k: list[torch.Tensor | None] = [None] * num_layers
-        self._v: list[torch.Tensor | None] = [None] * num_layers
-
-    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) at positions pos ... pos + T - 1 and return all keys and values so far."""
-        end = self.pos + k.shape[-2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot store up to position {end}")
-        buf_k = self._k[layer_id]
-        shape = (*k.shape[:2], self.max_len, k.shape[-1])
-        if buf_k is None or buf_k.shape != shape or buf_k.dtype != k.dtype or buf_k.device != k.device:
-            self._k[layer_id] = buf_k = k.new_zeros(shape)
-            self._v[layer_id] = v.new_zeros(shape)
-        buf_v = self._v[layer_id]
-        buf_k[:, :, self.pos : end] = k
-        buf_v[:, :, self.pos : end] = v
-        return buf_k[:, :, :end], buf_v[:, :, :end]  # (B, H, pos + T, D)
-
-    def advance(self, num_tokens: int) -> None:
-        """Called by the model once per forward, after every layer has stored its keys."""
-        self.pos += num_tokens
-
-    def reset(self) -> None:
-        self.pos = 0
+SYNC_EVERY = 16
+"""Tokens decoded between two reads of the new tokens by the host (stop check, streaming)."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -75,6 +64,23 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def sample_tokens(
+    logits: torch.Tensor,  # (B, V)
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row (B,) int64, on the logits' device (argmax when temperature is 0)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)  # (B, V)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)  # a CPU generator can drive a CUDA model (at a copy per token)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # (B, V) ~ Exp(1)
+    return torch.argmax(probs / race, dim=-1).to(logits.device)  # a filtered token has p = 0: never wins
+
+
 def sample_next(
     logits: torch.Tensor,  # (V,)
     temperature: float = 1.0,
@@ -82,25 +88,21 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> int:
-    """One token id drawn from the logits of the last position (argmax when temperature is 0)."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    if generator is not None and probs.device != generator.device:
-        probs = probs.to(generator.device)  # a CPU generator can drive a CUDA model
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One token id drawn from the logits of one position (argmax when temperature is 0)."""
+    return int(sample_tokens(logits[None], temperature, top_k, top_p, generator)[0])
 
 
-def _check_args(model: nn.Module, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> None:
+def _check_args(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None) -> None:
     vocab = model.cfg.vocab_size
-    if len(prompt_ids) == 0:
-        raise UserError("the prompt is empty (no token ids); start it with some text, or with the end-of-text id "
-                        "for a story from nothing")
-    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise UserError(f"the prompt holds token id {bad[0]}, outside the model's vocabulary [0, {vocab}); encode "
-                        "it with the tokenizer the model was trained with")
+    for prompt_ids in prompts:
+        if len(prompt_ids) == 0:
+            raise UserError("the prompt is empty (no token ids); start it with some text, or with the end-of-text id "
+                            "for a story from nothing")
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise UserError(f"the prompt holds token id {bad[0]}, outside the model's vocabulary [0, {vocab}); "
+                            "encode it with the tokenizer the model was trained with")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -111,10 +113,143 @@ def _check_args(model: nn.Module, prompt_ids, max_new_tokens, temperature, top_k
         raise UserError(f"top_p={top_p} must be in (0, 1] or None (no nucleus filter)")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Decoders: prefill(ids, lengths) -> logits of each row's last token; step(tokens) -> logits of the next position
+
+
+def _last_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits of right-padded rows -> (B, V) at each row's last real token."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]
+
+
+def _decode_logits(model: nn.Module, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One decode step: tokens (B, 1) at each row's cache.pos -> logits (B, V)."""
+    return model(tokens, cache=cache)[:, -1]
+
+
+_compiled_decode: Callable | None = None
+# One cache per model for the compiled path: the CUDA graph reads the cache's buffers at fixed addresses, so a
+# later call of the same shape reuses both instead of recording a new graph.
+_static_caches: weakref.WeakKeyDictionary[nn.Module, StaticKVCache] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step() -> Callable:
+    """_decode_logits compiled once per process (dynamo's cache of it is shared by every call and model)."""
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(_decode_logits, mode="reduce-overhead", fullgraph=True)
+    return _compiled_decode
+
+
+def _graph_cache(model: nn.Module, batch_size: int, max_len: int) -> StaticKVCache:
+    weight = model.embed_tokens.weight
+    cache = _static_caches.get(model)
+    if cache is None or not cache.matches(batch_size, max_len, weight.dtype, weight.device):
+        cache = StaticKVCache.for_model(model, batch_size, max_len)
+        for buf in (cache.k, cache.v, cache.pos, cache.slots):
+            torch._dynamo.mark_static_address(buf)  # mutated inside the graph: must never move
+        _static_caches[model] = cache
+    return cache
+
+
+class _CachedDecoder:
+    """Prefill into a StaticKVCache, then one token per step (compiled on request)."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, compiled: bool) -> None:
+        self.model, self.compiled = model, compiled
+        if compiled:
+            self.cache = _graph_cache(model, batch_size, max_len)
+        else:
+            self.cache = StaticKVCache.for_model(model, batch_size, max_len)
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.cache.start_prefill(lengths)
+        return _last_logits(self.model(ids, cache=self.cache), lengths)  # (B, V)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return _decode_logits(self.model, self.cache, tokens[:, None])
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: the graph may reuse them
+        return _compiled_step()(self.model, self.cache, tokens[:, None])  # (B, V)
+
+
+class _UncachedDecoder:
+    """The oracle: every step runs the whole context again, no cache."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, compiled: bool) -> None:
+        self.model, self.max_len = model, max_len
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.ids = torch.nn.functional.pad(ids, (0, self.max_len - ids.shape[1]))  # (B, max_len)
+        self.lengths, self.width = lengths.clone(), ids.shape[1]
+        return _last_logits(self.model(ids), lengths)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ids.scatter_(1, self.lengths[:, None], tokens[:, None])
+        self.lengths += 1
+        self.width += 1
+        return _last_logits(self.model(self.ids[:, : self.width]), self.lengths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Rows:
+    """The host's view: each row's new tokens (eos cut off) and which rows are finished."""
+
+    def __init__(self, num_rows: int, eos_id: int | None, on_tokens: Callable[[list[list[int]]], None] | None):
+        self.outputs: list[list[int]] = [[] for _ in range(num_rows)]
+        self.stopped = [False] * num_rows
+        self.eos_id, self.on_tokens = eos_id, on_tokens
+
+    def take(self, chunk: list[list[int]]) -> bool:
+        """Add a chunk (B rows of new token ids); True when every row has stopped."""
+        fresh: list[list[int]] = []
+        for row, ids in enumerate(chunk):
+            new: list[int] = []
+            if not self.stopped[row]:
+                if self.eos_id is not None and self.eos_id in ids:
+                    ids, self.stopped[row] = ids[: ids.index(self.eos_id)], True
+                new = list(ids)
+                self.outputs[row] += new
+            fresh.append(new)
+        if self.on_tokens is not None:
+            self.on_tokens(fresh)
+        return all(self.stopped)
+
+
+def _pad_right(contexts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, T) right-padded with 0, lengths (B,)."""
+    width = max(map(len, contexts))
+    ids = torch.tensor([c + [0] * (width - len(c)) for c in contexts], dtype=torch.long)
+    lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+def _segment(decoder, contexts: list[list[int]], num_tokens: int, sample: Callable, rows: _Rows,
+             sync_every: int, device: torch.device) -> int:
+    """Prefill every row's context, then decode up to num_tokens per row; returns the tokens decoded per row."""
+    logits = decoder.prefill(*_pad_right(contexts, device))  # (B, V)
+    pending: list[torch.Tensor] = []
+    for t in range(num_tokens):
+        tokens = sample(logits)  # (B,) on the device
+        pending.append(tokens)
+        last = t + 1 == num_tokens
+        if last or len(pending) == sync_every:
+            all_stopped = rows.take(torch.stack(pending, dim=1).tolist())  # the host's one read per chunk
+            pending = []
+            if all_stopped:
+                return t + 1
+        if not last:
+            logits = decoder.step(tokens)
+    return num_tokens
+
+
 @torch.no_grad()
-def generate(
+def generate_batch(
     model: nn.Module,
-    prompt_ids: list[int],
+    prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -123,48 +258,73 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     num_valid_ids: int | None = None,
-) -> list[int]:
-    """Continue prompt_ids with up to max_new_tokens ids from `model` (a TransformerLM); returns the new ids.
+    use_cache: bool = True,
+    compile: bool | None = None,
+    sync_every: int = SYNC_EVERY,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+) -> list[list[int]]:
+    """Continue each prompt with up to max_new_tokens ids from `model` (a TransformerLM); returns the new ids
+    of each prompt, in order, without the eos that stopped it.
 
     num_valid_ids: sample only ids below it. The model's vocab_size is often padded past the tokenizer's
     (to a multiple of 64, or a round 10,000); the padding ids decode to nothing and must never be drawn.
+    compile: compile the decode step (default: on CUDA). on_tokens: called every sync_every tokens with each
+    row's new ids (for streaming).
     """
-    _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p)
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    window = cfg.seq_len
-    keep_on_slide = max(1, window // 2)
-    context = [int(t) for t in prompt_ids][-window:]
-    new_ids: list[int] = []
-    if max_new_tokens == 0:
-        return new_ids
+    _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    if sync_every < 1:
+        raise ValueError(f"sync_every={sync_every} must be >= 1")
+    rows = _Rows(len(prompts), eos_id, on_tokens)
+    if max_new_tokens == 0 or not prompts:
+        return rows.outputs
+    window, device = model.cfg.seq_len, next(model.parameters()).device
+    contexts = [[int(t) for t in p][-window:] for p in prompts]
+    compiled = device.type == "cuda" if compile is None else compile
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(logits[:, :num_valid_ids], temperature, top_k, top_p, generator)
 
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(cfg.num_layers, window)
-
-        def step(ids: list[int]) -> torch.Tensor:
-            logits = model(torch.tensor([ids], dtype=torch.long, device=device), cache=cache)[0, -1]  # (V,)
-            return logits[:num_valid_ids]
-
-        logits = step(context)
-        while True:
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None and next_id == eos_id:
-                break
-            new_ids.append(next_id)
-            context.append(next_id)
-            if len(new_ids) == max_new_tokens:
-                break
-            if cache.pos == window:
-                cache.reset()
-                logits = step(context[-keep_on_slide:])
-            else:
-                logits = step([next_id])
+        max_len = min(window, max(map(len, contexts)) + max_new_tokens)
+        decoder = (_CachedDecoder if use_cache else _UncachedDecoder)(model, len(prompts), max_len, compiled)
+        remaining = max_new_tokens
+        while remaining and not all(rows.stopped):
+            # 1) as many tokens as the fullest live row has room for (its last one needs no slot of its own)
+            room = min(window - len(c) + 1 for c, done in zip(contexts, rows.stopped) if not done)
+            before = [len(o) for o in rows.outputs]
+            done = _segment(decoder, contexts, min(remaining, room), sample, rows, sync_every, device)
+            remaining -= done
+            # 2) contexts grow by what was decoded; a full one slides; a finished row shrinks to one token
+            for i, context in enumerate(contexts):
+                context += rows.outputs[i][before[i]:]
+                if rows.stopped[i]:
+                    contexts[i] = context[-1:]
+                elif len(context) > window:
+                    contexts[i] = context[-max(1, window // 2):]
     finally:
         model.train(was_training)
-    return new_ids
+    return rows.outputs
+
+
+def generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    num_valid_ids: int | None = None,
+    **kwargs,
+) -> list[int]:
+    """Continue one prompt: generate_batch of a batch of one (kwargs: use_cache, compile, sync_every,
+    on_tokens)."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_id=eos_id, generator=generator, num_valid_ids=num_valid_ids, **kwargs)[0]
 
 
 def sample_text(model: nn.Module, tokenizer, prompt: str, num_tokens: int, *, seed: int,
@@ -175,6 +335,7 @@ def sample_text(model: nn.Module, tokenizer, prompt: str, num_tokens: int, *, se
         raise UserError("the prompt is empty; pass some text to continue, e.g. 'Once upon a time'")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    # eager: a sample in the middle of training is not worth a compilation beside the training step's own
     ids = generate(model, tokenizer.encode(prompt), num_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tokenizer.eot_id, generator=generator, num_valid_ids=tokenizer.vocab_size)
+                   eos_id=tokenizer.eot_id, generator=generator, num_valid_ids=tokenizer.vocab_size, compile=False)
     return prompt + tokenizer.decode(ids)

@@ -4,6 +4,10 @@ Design decisions:
 - Single-device code. Parallelism (activation checkpointing, compile, FSDP) is applied from outside, one
   `TransformerBlock` at a time, through `model.blocks`; a block takes only tensors (and an optional KV
   cache) so it can be checkpointed, compiled and sharded on its own.
+- A KV cache is any object with `rope(cos, sin, T)` (the angles of the new tokens' positions), `attend(layer_id,
+  q, k, v, backend)` (store k, v and attend over everything cached) and `advance(T)`: the growing
+  `generation.KVCache` (one position for the whole batch) and the static `kv_cache.StaticKVCache` (a position
+  per row, for batched decoding) both fit, and the path without a cache is untouched.
 - Parameter names follow Hugging Face Llama (`q_proj`, `gate_proj`, `input_layernorm`...) and RoPE uses
   the half-split layout (pairs are (x[i], x[i + D/2]), i.e. `rotate_half`), so export to a Llama checkpoint
   is a rename of the outer prefixes with no weight permutation.
@@ -32,7 +36,7 @@ from dist_lm.kernels.cross_entropy import linear_cross_entropy
 from dist_lm.model.attention import BACKENDS, attention
 
 if TYPE_CHECKING:
-    from dist_lm.model.generation import KVCache
+    from dist_lm.model.kv_cache import Cache
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +89,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # (B, T, d) -> (B, H, T, D)
@@ -93,9 +97,10 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (B, H, Tpast + T, D)
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        if cache is None:
+            y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        else:  # the cache stores k, v and attends over every cached position it allows
+            y = cache.attend(self.layer_id, q, k, v, self.backend)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -124,7 +129,7 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -188,23 +193,24 @@ class TransformerLM(nn.Module):
         idx: torch.Tensor,  # (B, T) int64 token ids
         targets: torch.Tensor | None = None,  # (B, T) int64, -100 = ignored
         *,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in the compute dtype, or the scalar fp32 mean cross-entropy when targets are given.
 
-        With a KV cache, idx holds only the new tokens; they sit at positions cache.pos ... cache.pos + T - 1.
+        With a KV cache, idx holds only the new tokens; the cache knows their positions (`Cache.rope`).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.seq_len:
-            raise UserError(
-                f"sequence of {start + T} tokens exceeds model.seq_len={self.cfg.seq_len}; "
-                "crop the input to the last seq_len tokens"
-            )
-        cos = self.rope_cos[start : start + T]  # (T, D)
-        sin = self.rope_sin[start : start + T]
+        if cache is None:
+            if T > self.cfg.seq_len:
+                raise UserError(
+                    f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}; "
+                    "crop the input to the last seq_len tokens"
+                )
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
+        else:
+            cos, sin = cache.rope(self.rope_cos, self.rope_sin, T)  # (T, D) or (B, 1, T, D): per-row positions
         x = self.embed_tokens(idx)  # (B, T, d)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
