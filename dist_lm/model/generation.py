@@ -39,7 +39,8 @@ import torch.nn as nn
 from dist_lm.errors import UserError
 from dist_lm.model.kv_cache import KVCache, StaticKVCache
 
-__all__ = ["KVCache", "filter_logits", "generate", "generate_batch", "sample_next", "sample_text", "sample_tokens"]
+__all__ = ["KVCache", "cast_for_inference", "filter_logits", "generate", "generate_batch", "sample_next", "sample_text",
+           "sample_tokens"]
 
 SYNC_EVERY = 16
 """Tokens decoded between two reads of the new tokens by the host (stop check, streaming)."""
@@ -287,7 +288,8 @@ def generate_batch(
     was_training = model.training
     model.eval()
     try:
-        max_len = min(window, max(map(len, contexts)) + max_new_tokens)
+        # slots rounded up to a multiple of 64: calls of nearby lengths share one compiled graph
+        max_len = min(window, -(-(max(map(len, contexts)) + max_new_tokens) // 64) * 64)
         decoder = (_CachedDecoder if use_cache else _UncachedDecoder)(model, len(prompts), max_len, compiled)
         remaining = max_new_tokens
         while remaining and not all(rows.stopped):
@@ -325,6 +327,15 @@ def generate(
     on_tokens)."""
     return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_id=eos_id, generator=generator, num_valid_ids=num_valid_ids, **kwargs)[0]
+
+
+def cast_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the weights of `model` (a TransformerLM) to dtype in place, keeping the RoPE tables in fp32 (a bf16
+    angle table would round the positions). Returns the model."""
+    cos, sin = model.rope_cos.float(), model.rope_sin.float()
+    model.to(dtype)
+    model.rope_cos, model.rope_sin = cos, sin  # registered buffers: reassigning keeps them buffers
+    return model
 
 
 def sample_text(model: nn.Module, tokenizer, prompt: str, num_tokens: int, *, seed: int,

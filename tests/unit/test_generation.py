@@ -1,4 +1,5 @@
-"""generate(): the KV cache changes nothing, filters give known answers, eos and the window are honoured."""
+"""generate() and generate_batch(): the KV cache and the batch change no greedy token, filters give known answers,
+eos and the window are honoured per row, seeded sampling repeats and stays inside top-k / top-p."""
 
 import math
 from pathlib import Path
@@ -9,6 +10,8 @@ import torch
 from dist_lm.config import ModelConfig
 from dist_lm.errors import UserError
 from dist_lm.model import KVCache, TransformerLM, filter_logits, generate, sample_text
+from dist_lm.model.generation import cast_for_inference, generate_batch, sample_tokens
+from dist_lm.model.kv_cache import StaticKVCache
 from dist_lm.tokenizer import load_tokenizer
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizers" / "tinystories-10k"
@@ -142,3 +145,102 @@ def test_sample_text_continues_the_prompt_and_refuses_an_empty_one():
     assert text == sample_text(lm, tokenizer, "Once upon a time", 5, seed=0)  # seeded: the same story
     with pytest.raises(UserError, match="^the prompt is empty; pass some text"):
         sample_text(lm, tokenizer, "", 5, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: ragged prompts, each row on its own
+
+
+RAGGED = [[3, 14, 15, 9, 26], [1], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7], [2, 4], [60, 0, 33]]
+
+
+def test_batched_greedy_equals_one_at_a_time_and_the_uncached_oracle(model):
+    n = 30  # past the window for the 12-token prompt: every row slides at its own time
+    batched = generate_batch(model, RAGGED, n, temperature=0)
+    alone = [greedy_without_cache(model, p, model.cfg.seq_len - len(p)) for p in RAGGED]
+    for row, oracle in zip(batched, alone):
+        assert row[: len(oracle)] == oracle  # inside the window: the plain forward, token by token
+    assert batched == [generate(model, p, n, temperature=0) for p in RAGGED]
+    assert batched == generate_batch(model, RAGGED, n, temperature=0, use_cache=False)
+    assert batched == generate_batch(model, RAGGED[::-1], n, temperature=0)[::-1]  # the order changes nothing
+
+
+@pytest.mark.parametrize("sync_every", [1, 4, 64])
+def test_each_row_stops_at_its_own_eos(model, sync_every):
+    free = generate_batch(model, RAGGED, 20, temperature=0)
+    # forced: a token some rows produce (at different steps) and some never do
+    eos = next(t for t in free[0][2:] if 2 <= sum(t in row for row in free) < len(free))
+    stopped = generate_batch(model, RAGGED, 20, temperature=0, eos_id=eos, sync_every=sync_every)
+    assert len({len(out) for out in stopped}) >= 3  # ragged stops, and some row runs to the end
+    for row, out in zip(free, stopped):  # every other row stops at its own first eos, or runs to the end
+        assert out == (row[: row.index(eos)] if eos in row else row)
+        assert eos not in out
+    assert stopped == [generate(model, p, 20, temperature=0, eos_id=eos) for p in RAGGED]
+
+
+def test_streamed_chunks_add_up_to_the_result(model):
+    chunks: list[list[list[int]]] = []
+    out = generate_batch(model, RAGGED, 10, temperature=0, sync_every=3, on_tokens=chunks.append)
+    assert len(chunks) == 4  # 3 + 3 + 3 + 1 tokens: the host reads every 3 tokens and at the end
+    assert [sum((c[row] for c in chunks), []) for row in range(len(RAGGED))] == out
+
+
+def test_static_cache_logits_equal_full_forward_per_row(model):
+    ids = torch.tensor([[5, 7, 11, 13, 17, 19], [2, 3, 0, 0, 0, 0]])  # row 1: two tokens, right-padded
+    cache = StaticKVCache.for_model(model, batch_size=2, max_len=8)
+    with torch.no_grad():
+        cache.start_prefill(torch.tensor([6, 2]))
+        prefill = model(ids, cache=cache)
+        assert cache.pos.tolist() == [6, 2]
+        step = model(torch.tensor([[23], [29]]), cache=cache)[:, -1]  # row 0 at position 6, row 1 at 2
+        full0, full1 = model(torch.tensor([[5, 7, 11, 13, 17, 19, 23]])), model(torch.tensor([[2, 3, 29]]))
+    torch.testing.assert_close(prefill[0], full0[0, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefill[1, :2], full1[0, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, torch.stack([full0[0, -1], full1[0, -1]]), atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [7, 3]
+
+
+def test_batched_sampling_is_seeded_and_stays_in_top_k(model):
+    def sample(seed: int, **kw) -> list[list[int]]:
+        return generate_batch(model, RAGGED, 15, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert sample(7) == sample(7) and sample(7) != sample(8)
+    # top_k=1 leaves one token: any temperature and seed give the greedy text
+    assert sample(7, top_k=1) == generate_batch(model, RAGGED, 15, temperature=0)
+    assert sample(7, top_p=1e-6) == generate_batch(model, RAGGED, 15, temperature=0)  # the top token always stays
+
+
+def test_sample_tokens_draws_only_inside_top_k_and_top_p():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3, 0.0]] * 2000))  # (2000, 5); id 4 has p = 0
+    top_k = sample_tokens(logits, 1.0, top_k=2, generator=gen)
+    assert set(top_k.tolist()) == {1, 3}
+    top_p = sample_tokens(logits, 1.0, top_p=0.9, generator=gen)
+    assert set(top_p.tolist()) == {1, 2, 3}  # 0.5 + 0.3 + 0.15 >= 0.9
+    free = sample_tokens(logits, 1.0, generator=gen)
+    assert set(free.tolist()) == {0, 1, 2, 3}
+    share = (free == 1).float().mean().item()
+    assert abs(share - 0.5) < 0.05  # the exponential race draws from p
+
+
+def test_num_valid_ids_are_never_drawn(model):
+    gen = torch.Generator().manual_seed(0)
+    out = generate_batch(model, RAGGED, 15, temperature=5.0, num_valid_ids=10, generator=gen)
+    assert all(0 <= t < 10 for row in out for t in row)
+
+
+def test_cast_for_inference_keeps_rope_in_fp32():
+    torch.manual_seed(0)
+    lm = cast_for_inference(TransformerLM(ModelConfig(vocab_size=61, seq_len=24, d_model=32, num_layers=1,
+                                                      num_heads=4, attention_backend="sdpa")), torch.bfloat16)
+    assert lm.embed_tokens.weight.dtype == torch.bfloat16 and lm.rope_cos.dtype == torch.float32
+    assert "rope_cos" in dict(lm.named_buffers())
+    out = generate_batch(lm, RAGGED[:2], 5, temperature=0)
+    assert [len(r) for r in out] == [5, 5]
+
+
+def test_empty_batch_and_zero_tokens(model):
+    assert generate_batch(model, [], 5) == []
+    assert generate_batch(model, RAGGED, 0) == [[] for _ in RAGGED]
+    with pytest.raises(UserError, match="^the prompt is empty"):
+        generate_batch(model, [[1], []], 3)
