@@ -142,4 +142,4 @@ class StaticKVCache:
             self.pos.copy_(self._prefill_lengths)
             self._prefill_lengths = None
         else:
-            self.pos += num_tokens
+            self.pos.add_(num_tokens)  # in place: the buffer a CUDA graph reads stays where it is

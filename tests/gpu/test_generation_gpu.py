@@ -18,9 +18,16 @@ def model() -> TransformerLM:
     return TransformerLM(cfg).cuda().eval()
 
 
-def test_compiled_greedy_equals_eager_greedy(model):
-    # fp32 weights; TF32 off, so the compiled kernels and the eager ones agree to rounding and argmax is stable
+@pytest.fixture(autouse=True)
+def no_tf32():
+    # fp32 weights, TF32 off: the compiled kernels and the eager ones agree to rounding, so argmax is stable
+    saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_compiled_greedy_equals_eager_greedy(model):
     eager = generate_batch(model, PROMPTS, 40, temperature=0, compile=False)
     compiled = generate_batch(model, PROMPTS, 40, temperature=0, compile=True)
     again = generate_batch(model, PROMPTS, 40, temperature=0, compile=True)  # the recorded graph, replayed
