@@ -234,7 +234,8 @@ class TrackingConfig:
     experiment: str = "dist_lm"
     """MLflow experiment name."""
     system_metrics: bool = False
-    """Also log CPU/GPU/memory system metrics (needs psutil; pynvml for GPUs)."""
+    """Also log every node's CPU, memory and GPU memory (and GPU utilisation where pynvml is installed) at each log
+    step, as system/<node>/... (one gather over the processes per log interval)."""
 
 
 @dataclass
@@ -427,6 +428,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # YAML reads `time_limit: 5400` or `name: 7` as numbers; the field wants the text
+        if isinstance(value, bool):  # the words are lost by now: say how to keep them
+            raise UserError(f"config key {key}={value!r} must be a string: YAML reads an unquoted "
+                            f"yes/no/on/off/true/false as {value}; quote it, e.g. {key}='\"off\"'")
         raise UserError(f"config key {key}={value!r} must be a string")
     raise AssertionError(f"unsupported annotation {hint} for {key}")
 
