@@ -29,6 +29,7 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "psutil>=5.9",  # tracking.system_metrics (accelerate needs it too)
     ],
     extras_require={
         # Test oracles: tiktoken and tokenizers (tokenizer), transformers (HF Llama baseline and export).

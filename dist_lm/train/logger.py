@@ -2,7 +2,8 @@
 
 Design decisions:
 - The loop hands each row (a step and its metrics) to `RunLogger.log` and nothing else; the sink decides what each
-  destination gets. Moving MLflow off the training thread is therefore a change inside this sink.
+  destination gets. MLflow gets it through a background writer (dist_lm.train.mlflow_writer): the loop never
+  waits for MLflow, and an MLflow outage costs it nothing.
 - metrics.jsonl is the run's own record, readable without MLflow (launch/compare_runs.py, the tests and the
   benchmarks read it): one JSON object per row, its step first. Only the main process writes it, and a resumed run
   first cuts it back to its checkpoint's step: the steps after it are trained again, and logged once.
@@ -27,7 +28,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dist_lm.train.tracking import NullTracker
+from dist_lm.train.mlflow_writer import MlflowWriter
+from dist_lm.train.tracking import MlflowTracker, NullTracker
 
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -57,11 +59,17 @@ class RunLogger:
             truncate_metrics(run_dir / METRICS_FILE, start_step)
         self._bar = tqdm(total=max_steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                          unit="step", dynamic_ncols=True, mininterval=1.0)
+        self._mlflow = MlflowWriter(tracker, run_dir=run_dir, say=self.say) if isinstance(tracker, MlflowTracker) \
+            else None
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run's id (None without tracking, and on other ranks)."""
+        """The MLflow run's id (None without tracking, on other ranks, and until the writer has opened the run)."""
         return self.tracker.run_id
+
+    def _send(self, kind: str, payload: Any) -> None:
+        if self._mlflow is not None:
+            self._mlflow.submit(kind, payload)
 
     def say(self, text: str) -> None:
         """A line on the console of the main process (above the progress bar)."""
@@ -70,20 +78,20 @@ class RunLogger:
 
     def log_params(self, params: dict[str, Any], artifact: Path | None = None) -> None:
         """The run's parameters (and a file to keep beside them, such as the resolved config) to MLflow."""
-        self.tracker.log_params(params)
+        self._send("params", params)
         if artifact is not None:
-            self.tracker.log_artifact(str(artifact))
+            self._send("artifact", str(artifact))
 
     def log_tags(self, tags: dict[str, str]) -> None:
         """Tags of the MLflow run (set again by each process that trains it: a resumed run updates them)."""
-        self.tracker.log_tags(tags)
+        self._send("tags", tags)
 
     def log(self, step: int, metrics: dict[str, float], *,
             earlier: Mapping[int, dict[str, float]] | None = None) -> None:
         """One row at `step`, shown as one console line, after the rows of `earlier` steps, which go to
         metrics.jsonl and MLflow only (a log interval's per-step losses)."""
         rows = [*sorted((earlier or {}).items()), (step, metrics)]
-        self.tracker.log_rows(rows)
+        self._send("rows", rows)
         if self.is_main:
             append_jsonl(self.run_dir / METRICS_FILE, [{"step": s, **m} for s, m in rows])
         line = self.console_line(step, metrics)
@@ -105,13 +113,15 @@ class RunLogger:
         self._bar.update(1)
 
     def close(self, status: str, *, step: int | None = None, reason: str | None = None,
-              checkpoint: Path | None = None) -> None:
+              checkpoint: Path | None = None, error: str | None = None) -> None:
         """End the progress bar and the MLflow run, and write how the run ended to run_dir/status.json: FINISHED,
-        KILLED (stopped early by `reason`, a signal or the time limit) or FAILED, at `step`, its last checkpoint."""
+        KILLED (stopped early by `reason`, a signal or the time limit) or FAILED (with `error`, also an MLflow tag),
+        at `step`, its last checkpoint. Waits for the MLflow writer to send what it holds (bounded)."""
         self._bar.close()
         if self.is_main:
             write_status(self.run_dir, status, step=step, reason=reason, checkpoint=checkpoint)
-        self.tracker.close(status)
+        if self._mlflow is not None:
+            self._mlflow.close(status, {"error": error} if error else {})
 
 
 def write_status(run_dir: Path, status: str, *, step: int | None, reason: str | None,

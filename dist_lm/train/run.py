@@ -14,6 +14,8 @@ Design decisions:
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,8 +51,11 @@ from dist_lm.train.checkpoint import (
 )
 from dist_lm.train.logger import RunLogger
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
+from dist_lm.train.provenance import code_tags, device_tags
 from dist_lm.train.stop import StopCheck, host_group, parse_duration
-from dist_lm.train.tracking import make_tracker, resolve_tracking_uri
+from dist_lm.train.system_metrics import SystemMetrics
+from dist_lm.train.tracking import MlflowTracker, NullTracker, read_run_id, resolve_tracking_uri
+from dist_lm.warn import warn_once
 
 
 @dataclass
@@ -84,6 +89,8 @@ class Run:
     stopped: int = 0
     """Why the run stopped before train.max_steps (a dist_lm.train.stop reason code; 0: it did not)."""
     started_at: float = field(default_factory=time.perf_counter)
+    system: SystemMetrics | None = None
+    """Every node's CPU, memory and GPU figures at each log step (tracking.system_metrics), else None."""
 
     @property
     def is_main(self) -> bool:
@@ -127,7 +134,7 @@ def build_run(cfg: RunConfig) -> Run:
                      first_save_bytes=12 * model.num_parameters())  # fp32 weights and two AdamW moments
     run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, batches=batches, eval_batches=eval_batches,
               model=parallel, param_names=param_names, logger=logger, meter=meter, stop=stop, start_step=start_step,
-              step=start_step)
+              step=start_step, system=system_metrics(cfg, accelerator, stop.group))
     logger.say(start_line(run))
     run.started_at = time.perf_counter()
     return run
@@ -182,15 +189,27 @@ def open_data(cfg: RunConfig, accelerator: Accelerator) -> tuple[Tokenizer, Shar
                                     f"launch/prepare_data.py --config <this config>` (source {d.source})")
         with accelerator.main_process_first():  # one process tokenizes, the others then find the shards
             if accelerator.is_main_process:
-                tqdm.write(f"preparing token shards of {d.source} in {data_dir} ...")
-                prepare_shards(d.source, d.tokenizer_dir, data_dir, text_field=d.text_field,
-                               val_fraction=d.val_fraction, log=tqdm.write)
+                prepare_bundled(cfg, data_dir)
     manifest = load_manifest(data_dir)
     check_tokenizer(manifest, tokenizer.fingerprint(), data_dir)
     # ids at or above the tokenizer's vocabulary are refused at open; checksums as data.verify_shards says
     splits = [ShardedTokens.open(data_dir, split, manifest, vocab_size=tokenizer.vocab_size, verify=d.verify_shards)
               for split in ("train", "val")]
     return tokenizer, *splits
+
+
+def prepare_bundled(cfg: RunConfig, data_dir: Path) -> None:
+    """Shards of the bundled sample in data_dir, unless another run made them meanwhile: two runs started at once
+    on one data_dir (a sweep, two jobs) take turns through a lock file beside it, and the second finds the shards."""
+    d = cfg.data
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.with_name(f".{data_dir.name}.prepare.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+        if (data_dir / "manifest.json").exists():
+            return
+        tqdm.write(f"preparing token shards of {d.source} in {data_dir} ...")
+        prepare_shards(d.source, d.tokenizer_dir, data_dir, text_field=d.text_field, val_fraction=d.val_fraction,
+                       log=tqdm.write)
 
 
 # Model fields that change the weights or the function; backends and kernels may change across a resume.
@@ -241,18 +260,45 @@ def open_logger(cfg: RunConfig, accelerator: Accelerator, start_step: int, run_i
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    tracking = cfg.tracking
-    tracker = make_tracker(tracking.enabled, accelerator.is_main_process,
-                           uri=resolve_tracking_uri(tracking.tracking_uri), experiment=tracking.experiment,
-                           run_name=cfg.name, run_id=run_id, system_metrics=tracking.system_metrics)
+    tracker = make_tracker(cfg, accelerator.is_main_process, run_id, resumed=start_step > 0)
     logger = RunLogger(run_dir, tracker=tracker, is_main=accelerator.is_main_process, start_step=start_step,
                        max_steps=cfg.train.max_steps)
-    logger.log_tags({**slurm.job_tags(), "num_processes": str(accelerator.num_processes)})  # this process's job
+    # This attempt's job, code and devices (a resumed run may run elsewhere, on other code: the tags follow it)
+    if isinstance(tracker, MlflowTracker):  # only the process that tracks asks git
+        logger.log_tags({**slurm.job_tags(), **code_tags(),
+                         **device_tags(accelerator.device, accelerator.num_processes)})
     if start_step == 0:
         world = accelerator.num_processes
         logger.log_params({**flatten_config(cfg), "num_parameters": num_params, "num_processes": world,
                            "global_batch_size": cfg.global_batch_size(world)}, artifact=run_dir / "config.yaml")
     return logger
+
+
+def make_tracker(cfg: RunConfig, is_main: bool, run_id: str | None, resumed: bool = False) -> NullTracker:
+    """The main process's MLflow run (opened later, by the logger's writer thread), or a NullTracker: on the other
+    ranks, with tracking off, or when MLflow cannot even be set up here (not installed, a malformed URI)."""
+    tracking = cfg.tracking
+    if not (tracking.enabled and is_main):
+        return NullTracker()
+    uri = resolve_tracking_uri(tracking.tracking_uri)
+    if run_id is None and resumed:
+        run_id = read_run_id(cfg.output_dir(), uri)
+    try:
+        return MlflowTracker(uri, tracking.experiment, cfg.name, run_id, open_now=False)
+    except Exception as exc:  # a tracking problem must not stop training: say it once, train without
+        warn_once(f"MLflow cannot be set up for {uri} ({type(exc).__name__}: {exc}); training without tracking")
+        return NullTracker()
+
+
+def system_metrics(cfg: RunConfig, accelerator: Accelerator, group: object | None) -> SystemMetrics | None:
+    """The system-metrics collector when tracking and tracking.system_metrics are on (the same on every rank)."""
+    if not (cfg.tracking.enabled and cfg.tracking.system_metrics):
+        return None
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
+    return SystemMetrics(group=group, is_main=accelerator.is_main_process,
+                         is_local_main=accelerator.is_local_main_process,
+                         machine_rank=accelerator.process_index // max(1, per_machine),
+                         cuda=accelerator.device.type == "cuda")
 
 
 def start_line(run: Run) -> str:

@@ -1,34 +1,53 @@
-"""Experiment tracking with MLflow, on the main process only; a tracking failure never stops training.
+"""MLflow specifics: the tracking URI, one run's calls, bounded network waits, and backfill from metrics.jsonl.
 
 Design decisions:
 - The tracking URI is the config's, else MLFLOW_TRACKING_URI (the ecosystem's convention), else
   `sqlite:///mlflow.db` in the working directory, which `mlflow ui` opens with no flags.
-- We use `MlflowClient` with an explicit run id rather than mlflow's global active run, so a
-  resumed training run logs into the same MLflow run (its id is stored in every checkpoint).
+- `MlflowClient` with an explicit run id rather than mlflow's global active run, so a resumed training run logs
+  into the same MLflow run (its id is stored in every checkpoint and in run_dir/mlflow.json).
 - Params are the flattened config (`optim.lr`), so runs compare key by key.
-- Every call is guarded: the first failure warns once with the reason and turns tracking off,
-  because losing a metric is better than losing a training run. Non-main ranks get NullTracker.
+- MlflowTracker's calls raise: the run's logger (dist_lm.train.logger) makes them from its background writer,
+  keeps what failed and sends it again, so a tracking failure never stops or slows training.
+- A server that does not answer must not cost minutes: unless the user set them, this process gives each HTTP
+  request 5 s and one retry (MLflow's defaults are 120 s and 7 retries with exponential backoff: 4 minutes).
+- Backfill (`backfill`, launch/backfill_mlflow.py) sends what metrics.jsonl holds and the MLflow run lacks, by
+  (metric, step): running it twice sends nothing the second time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
-import warnings
+from pathlib import Path
 from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+RUN_FILE = "mlflow.json"  # run_dir/mlflow.json: which MLflow run holds this run directory's metrics
 
 
 def resolve_tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def view_command(uri: str) -> str:
+    """How to look at runs in `uri`: a server's address is opened in a browser; a store gets `mlflow ui` on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 class NullTracker:
-    """Does nothing; used on non-main ranks and when tracking is off or broken."""
+    """Does nothing; what non-main ranks and runs without tracking hold."""
 
     run_id: str | None = None
     uri: str | None = None
+
+    def open(self) -> str | None:
+        return None
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -50,93 +69,97 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    """Logs to one MLflow run, creating it or reopening `run_id` when resuming."""
+    """One MLflow run: created by `open()` (or reopened when `run_id` is given: a resumed training run); every call
+    may raise (a server away, a full disk) and leaves retrying to its caller."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                 system_metrics: bool = False) -> None:
-        from mlflow.tracking import MlflowClient
+                 open_now: bool = True) -> None:
+        for key, value in HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)  # before MLflow's first request: it reads them per request
+        import mlflow.tracking  # noqa: F401 (not installed: the caller trains without tracking, and says so)
 
         self.uri = uri
-        self._client = MlflowClient(tracking_uri=uri)
-        self._monitor = None
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id = run_id
+        self._client = None  # made by open(), so that its failure is retried with the rest
         self._logged_up_to = 0
-        if run_id is None:
-            exp = self._client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
-            run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
+        self._opened = False
+        if open_now:
+            self.open()
+
+    def open(self) -> str:
+        """Create the run (or mark the given one RUNNING again); returns its id. Idempotent once it succeeded."""
+        if self._opened:
+            return self.run_id
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            # A sqlite store is created (its tables migrated) here: two runs starting at once on a new file race,
+            # and the loser fails; its writer tries again once the winner has made the tables.
+            self._client = MlflowClient(tracking_uri=self.uri)
+        if self.run_id is None:
+            exp = self._client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
+            self.run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
         else:
-            self._client.update_run(run_id, status="RUNNING")
+            self._client.update_run(self.run_id, status="RUNNING")
             # A run that died after its last checkpoint already logged the steps about to be redone (with the
             # same values: resuming is exact); log them once.
-            history = self._client.get_metric_history(run_id, "train/loss")
+            history = self._client.get_metric_history(self.run_id, "train/loss")
             self._logged_up_to = max((m.step for m in history), default=0)
-        self.run_id = run_id
-        if system_metrics:
-            self._start_system_metrics()
-
-    def _start_system_metrics(self) -> None:
-        import mlflow
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        mlflow.set_tracking_uri(self.uri)  # the monitor logs through the fluent API's URI
-        self._monitor = SystemMetricsMonitor(self.run_id)
-        self._monitor.start()
-
-    def _guard(self, method: str, *args) -> None:
-        """Call MlflowClient.<method>(*args); on failure warn once and stop tracking."""
-        if self._client is None:
-            return
-        try:
-            getattr(self._client, method)(*args)
-        except Exception as exc:  # any tracking failure (server down, disk full) must not end training
-            warnings.warn(f"MLflow {method} failed ({type(exc).__name__}: {exc}); tracking is off for the rest "
-                          "of this run, training goes on", RuntimeWarning, stacklevel=3)
-            self._client = None
+        self._opened = True
+        return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self._guard("log_batch", self.run_id, [], items[i:i + 100])
+            self._client.log_batch(self.run_id, [], items[i:i + 100])
 
-    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """(step, metrics) rows in as few log_batch calls as MLflow's limit of 1,000 metrics per call allows."""
+    def log_rows(self, rows: list[tuple], *, skip_logged: bool = True) -> None:
+        """(step, metrics) or (step, metrics, timestamp_ms) rows in as few log_batch calls as MLflow's limit per call
+        allows; a row without a timestamp gets now. `skip_logged`: not the steps a reopened run had already logged
+        (see open)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for step, metrics in rows if step > self._logged_up_to
-                 for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self._guard("log_batch", self.run_id, items[i:i + 1000])
+        after = self._logged_up_to if skip_logged else -1
+        items = [Metric(k, float(v), row[2] if len(row) > 2 else now, row[0]) for row in rows if row[0] > after
+                 for k, v in row[1].items()]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, items[i:i + MAX_METRICS_PER_BATCH])
 
     def log_artifact(self, path: str) -> None:
-        self._guard("log_artifact", self.run_id, path)
+        self._client.log_artifact(self.run_id, path)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which the run holds metric `key`."""
+        return {m.step for m in self._client.get_metric_history(self.run_id, key)}
 
     def log_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         if tags:
-            self._guard("log_batch", self.run_id, [], [], [RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+            self._client.log_batch(self.run_id, [], [], [RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def close(self, status: str = "FINISHED") -> None:
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as exc:  # the system-metrics thread failing must not fail a finished run
-                warnings.warn(f"MLflow system metrics did not stop cleanly ({type(exc).__name__}: {exc})",
-                              RuntimeWarning, stacklevel=2)
-        self._guard("set_terminated", self.run_id, status)
+        self._client.set_terminated(self.run_id, status)
 
 
-def make_tracker(enabled: bool, is_main: bool, *, uri: str, experiment: str, run_name: str,
-                 run_id: str | None = None, system_metrics: bool = False) -> NullTracker:
-    """MlflowTracker on the main process when enabled; otherwise (or if MLflow fails to start) NullTracker."""
-    if not (enabled and is_main):
-        return NullTracker()
+def write_run_file(run_dir: Path, tracker: MlflowTracker) -> None:
+    """run_dir/mlflow.json: the run id and where it lives, for backfill and for people."""
+    (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": tracker.uri, "experiment": tracker.experiment,
+                                                "run_id": tracker.run_id, "run_name": tracker.run_name}) + "\n")
+
+
+def read_run_id(run_dir: Path, uri: str) -> str | None:
+    """The MLflow run id run_dir/mlflow.json names for the store `uri` (None: no file, another store, unreadable).
+    A resumed run whose checkpoint names no MLflow run (MLflow was away until then, or backfill created it) goes
+    on in this one instead of starting a second."""
     try:
-        return MlflowTracker(uri, experiment, run_name, run_id, system_metrics)
-    except Exception as exc:  # a broken store at start must not stop training either
-        warnings.warn(f"MLflow could not start at {uri} ({type(exc).__name__}: {exc}); training without tracking",
-                      RuntimeWarning, stacklevel=2)
-        return NullTracker()
+        known = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return known.get("run_id") if isinstance(known, dict) and known.get("tracking_uri") == uri else None

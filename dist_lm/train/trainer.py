@@ -49,6 +49,7 @@ from dist_lm.train.lock import RunDirLock
 from dist_lm.train.logger import COMPILE_METRIC
 from dist_lm.train.run import Run, build_run
 from dist_lm.train.stop import reason_text
+from dist_lm.train.tracking import view_command
 
 
 @dataclass
@@ -104,7 +105,7 @@ def train_steps(run: Run, result: TrainResult) -> None:
     """The loop, until max_steps or an agreed early stop (then a checkpoint of the last step); the MLflow run and
     status.json end FINISHED, KILLED (stopped early) or FAILED."""
     cfg = run.cfg
-    status = "FAILED"
+    status, error = "FAILED", None
     run.stop.install()
     try:
         while not should_stop(run):
@@ -121,10 +122,14 @@ def train_steps(run: Run, result: TrainResult) -> None:
         if run.stopped:
             stop_early(run, result)
         status = "KILLED" if run.stopped else "FINISHED"
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         run.stop.restore()
         run.logger.close(status, step=run.step, reason=reason_text(run.stopped) if run.stopped else None,
-                         checkpoint=result.last_checkpoint)
+                         checkpoint=result.last_checkpoint, error=error)
+        result.mlflow_run_id = run.logger.run_id  # known once the writer opened the run
 
 
 def _due(run: Run, interval: int) -> bool:
@@ -229,6 +234,8 @@ def log_progress(run: Run, result: TrainResult) -> None:
     if speed:
         result.tokens_per_s = speed["tokens_per_s"]
         metrics.update({f"perf/{k}": v for k, v in speed.items()})
+    if run.system is not None:  # every rank takes part (a gather); the main process gets every node's figures
+        metrics.update(run.system.collect())
     run.logger.log(run.step, metrics, earlier={first + i: {"train/loss": v, "train/tokens": tokens[first + i]}
                                                for i, v in enumerate(losses[:-1])})
 
@@ -281,6 +288,7 @@ def save_checkpoint_now(run: Run) -> Path | None:
             path = save_checkpoint(run.cfg.output_dir(), run.step, model_state, tensors, state,
                                    keep_last=run.cfg.checkpoint.keep_last)
             run.logger.say(f"step {run.step:>6}/{run.cfg.train.max_steps} | saved {path}")
+            run.logger.log_tags({f"checkpoint.step_{run.step}": str(path.resolve())})  # where each step's weights are
         except StorageError as exc:
             failure = exc
     # Every rank learns whether the save worked, so all stop together instead of the others waiting for the main
@@ -308,8 +316,7 @@ def finish(run: Run, result: TrainResult) -> None:
         sampler = None
     tracker = run.logger.tracker
     if tracker.run_id:
-        run.logger.say(f"MLflow run {tracker.run_id} in {tracker.uri}\n"
-                       f"view it with: mlflow ui --backend-store-uri {tracker.uri}")
+        run.logger.say(f"MLflow run {tracker.run_id} in {tracker.uri}\nview it with: {view_command(tracker.uri)}")
     acc.wait_for_everyone()
     # Drop everything that holds the process group (the DDP module's reducer, FSDP2's mesh, the averager's groups)
     # before destroying it. Held in a reference cycle, they would be freed at interpreter exit, and a gloo group

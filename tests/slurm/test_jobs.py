@@ -89,7 +89,8 @@ def test_the_warning_signal_checkpoints_requeues_resumes_and_completes(slurm, sh
             "checkpoint.interval=1000", "train.batch_size=4")
     run = tmp_path / "job"
     db = tmp_path / "mlflow.db"
-    tracked = (*long, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=slurm")
+    tracked = (*long, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=slurm",
+               "tracking.system_metrics=true")
     export = "--export=ALL," + ",".join(f"{k}={v}" for k, v in job_env().items())
     submitted = slurm.run("sbatch", "--parsable", f"--output={tmp_path}/%j.out", export,
                           str(SCRIPTS / "cpu_multinode.sbatch"), *overrides(run, shards, *tracked))
@@ -131,6 +132,9 @@ def test_the_warning_signal_checkpoints_requeues_resumes_and_completes(slurm, sh
     assert tags["slurm.num_nodes"] == "2" and tags["slurm.nodelist"] == "n[1-2]" and tags["num_processes"] == "2"
     steps = [s for (s,) in con.execute("select step from metrics where key = 'train/loss' order by step")]
     assert steps == list(range(1, 201))  # each step once, across the requeue
+    # System metrics from both nodes, each under its SLURM name
+    keys = {k for (k,) in con.execute("select distinct key from metrics where key like 'system/%'")}
+    assert {f"system/{node}/{what}" for node in ("n1", "n2") for what in ("cpu_percent", "memory_used_GiB")} <= keys
 
 
 def _job_sh(slurm, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
