@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import render  # noqa: E402
-from render import col, command_line, package_versions, write_results  # noqa: E402
+from render import command_line, package_versions, write_results  # noqa: E402
 
 from dist_lm.config import ModelConfig, load_config  # noqa: E402
 from dist_lm.export import hf_name, llama_config  # noqa: E402
@@ -57,13 +57,6 @@ SHAPES = {
 }
 SYSTEMS = ("ours", "hf-dynamic", "hf-static")
 MATCH_TOKENS = 32
-# The "generate" table's columns. render.py owns the table kinds; until it lists this one, it is added here so
-# that --save can write (and check) the file.
-render.TABLES.setdefault("generate", [
-    col("shape", "shape", group=True), col("batch", "batch", "d", group=True), col("system", "system"),
-    col("tokens/s", "tokens_per_s", ",.0f"), col("TTFT ms", "ttft_ms", ".1f"),
-    col("ours / HF static", "ours_over_hf_static", "x2"), col("match", "match", "%0"),
-    col("warm-up s", "warmup_s", ".1f"), col("error", "error")])
 
 
 def _from_yaml(name: str) -> ModelConfig:

@@ -122,6 +122,15 @@ TABLES: dict[str, list[Column]] = {
         col("first 12 steps, abs diff", "early_abs_diff", "e1"), col("second half, mean (1 GPU - other)",
                                                                   "late_mean_diff", "+.4f"),
         col("final 1 GPU", "final_1gpu", ".4f"), col("final other", "final_ngpu", ".4f"), col("error", "error")],
+    "generate": [
+        col("shape", "shape", group=True), col("batch", "batch", "d", group=True), col("system", "system"),
+        col("tokens/s", "tokens_per_s", ",.0f"), col("TTFT ms", "ttft_ms", ".1f"),
+        col("ours / HF static", "ours_over_hf_static", "x2"), col("match", "match", "%0"),
+        col("warm-up s", "warmup_s", ".1f"), col("error", "error")],
+    "tracking": [
+        col("shape", "shape", group=True), col("tracking", "mode"), col("steps", "steps", "d"),
+        col("tokens/s (mean)", "tokens_per_s", "k1"), col("cost vs off", "overhead", "+%2"),
+        col("each run tok/s", "runs", "k1"), col("wall s", "wall_s", ".0f")],
     "comm": [
         col("collective", "collective"), col("dtype", "dtype"), col("MiB", "mib", ",.0f"), col("ms", "ms", ".2f"),
         col("bus GB/s", "busbw_gbs", ",.0f")],
