@@ -129,7 +129,7 @@ TABLES: dict[str, list[Column]] = {
         col("warm-up s", "warmup_s", ".1f"), col("error", "error")],
     "tracking": [
         col("shape", "shape", group=True), col("tracking", "mode"), col("steps", "steps", "d"),
-        col("tokens/s (mean)", "tokens_per_s", "k1"), col("cost vs off", "overhead", "+%2"),
+        col("tokens/s (mean)", "tokens_per_s", "k1"), col("cost vs off (median of pairs)", "overhead", "+%2"),
         col("each run tok/s", "runs", "k1"), col("wall s", "wall_s", ".0f")],
     "comm": [
         col("collective", "collective"), col("dtype", "dtype"), col("MiB", "mib", ",.0f"), col("ms", "ms", ".2f"),
