@@ -51,7 +51,6 @@ def backfill(run_dir: str | Path, uri: str = "") -> Backfill:
     if not (run_dir / METRICS_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: pass a run directory (e.g. runs/demo)")
     tracker = _tracker(run_dir, uri)
-    tracker.open()
     write_run_file(run_dir, tracker)
     rows = read_rows(run_dir / METRICS_FILE)
     keys = sorted({k for _, metrics in rows for k in metrics})
@@ -66,11 +65,18 @@ def backfill(run_dir: str | Path, uri: str = "") -> Backfill:
 
 
 def _tracker(run_dir: Path, uri: str) -> MlflowTracker:
-    """The MLflow run of run_dir: the one mlflow.json names, else a new one from config.yaml (params logged)."""
+    """The MLflow run of run_dir, opened: the one mlflow.json names (its status left as it is), else, or when that
+    store does not hold it (another --tracking-uri), a new one from config.yaml (params logged)."""
     if (run_dir / RUN_FILE).is_file():
         known = json.loads((run_dir / RUN_FILE).read_text())
-        return MlflowTracker(uri or known["tracking_uri"], known["experiment"], known["run_name"], known["run_id"],
-                             open_now=False)
+        tracker = MlflowTracker(uri or known["tracking_uri"], known["experiment"], known["run_name"],
+                                known["run_id"], open_now=False)
+        try:
+            tracker.open(mark_running=False)
+            return tracker
+        except Exception as exc:
+            if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir} has neither {RUN_FILE} nor config.yaml: it is not a run directory")

@@ -28,8 +28,17 @@ from typing import Any
 
 from dist_lm.train.tracking import MAX_METRICS_PER_BATCH, MlflowTracker, write_run_file
 
+# Answers of MLflow that retrying cannot change (a run the store does not hold, a value it refuses), unlike a
+# server that cannot be reached or a locked database.
+PERMANENT_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE", "BAD_REQUEST",
+                    "PERMISSION_DENIED", "RESOURCE_ALREADY_EXISTS", "UNAUTHENTICATED"}
 RETRY_S = (2.0, 5.0, 10.0, 30.0, 60.0)  # pauses between attempts while MLflow does not answer
 DOWN_AT_CLOSE_S = 3.0  # how long the end of a run waits for an MLflow that is already away
+
+
+def is_permanent(exc: Exception) -> bool:
+    """Whether MLflow refused the call (an answer), rather than could not be reached."""
+    return getattr(exc, "error_code", None) in PERMANENT_ERRORS
 
 
 class MlflowWriter:
@@ -48,6 +57,8 @@ class MlflowWriter:
         self._down_since: float | None = None
         self._sent_while_down = 0
         self._failures = 0
+        self._abandoned = False
+        self._refused: set[str] = set()
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="dist_lm-mlflow-writer", daemon=True)
         self._thread.start()
@@ -70,18 +81,30 @@ class MlflowWriter:
         with self._wake:
             self._closing = (status, tags or {})
             self._wake.notify()
-        self._thread.join(timeout=self._close_timeout_s + self._flush_s)
-        left = len(self._ops)
+        # The thread checks its deadline between calls; one call in flight against a hung server may outlast it, so
+        # the wait here is bounded on its own, and an unfinished thread is told to stop after that call.
+        self._thread.join(timeout=self._close_timeout_s + 1.0)
+        with self._wake:
+            self._abandoned = self._thread.is_alive()
+            unsent = list(self._ops)  # under the lock: the thread may still pop from it
+        left = len(unsent)
         if left:
-            rows = sum(len(p) for k, p in self._ops if k == "rows")
+            rows = sum(len(p) for k, p in unsent if k == "rows")
             self._say(f"MLflow at {self.tracker.uri} did not answer at the end: {rows} metric rows and the run's "
                       f"final status ({status}) were not sent; they are in {self.run_dir}: send them later with "
                       f"python launch/backfill_mlflow.py --run-dir {self.run_dir}")
         return left
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # a bug here must not go unsaid; training goes on, metrics.jsonl keeps everything
+            self._say(f"MLflow writer stopped ({type(exc).__name__}: {exc}); metrics stay in {self.run_dir}: send "
+                      f"them with python launch/backfill_mlflow.py --run-dir {self.run_dir}")
+
+    def _loop(self) -> None:
         deadline = None  # set once close() asked: the end of the last attempts
-        while True:
+        while not self._abandoned:
             with self._wake:
                 if self._closing is not None and deadline is None:
                     # MLflow away already: a few more tries, not the full wait (backfill sends the rest later)
@@ -114,13 +137,18 @@ class MlflowWriter:
                     if not self._ops:
                         break
                     kind, payload = self._ops[0]
-                if kind == "rows":
-                    self._send_rows()
-                    continue
-                self._send(kind, payload)
+                try:
+                    if kind == "rows":
+                        self._send_rows()
+                        continue
+                    self._send(kind, payload)
+                except Exception as exc:
+                    if not is_permanent(exc):
+                        raise
+                    self._give_up_on(kind, exc)  # MLflow answered "no": retrying would block the queue for good
                 with self._wake:
                     self._ops.popleft()
-        except Exception as exc:  # any failure of the store (server away, disk full): keep it all, try again
+        except Exception as exc:  # a failure of the store (server away, disk full, locked): keep it all, try again
             self._failures += 1
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -133,6 +161,26 @@ class MlflowWriter:
                       f"sent the {self._sent_while_down} metric rows kept meanwhile")
             self._down_since, self._failures, self._sent_while_down = None, 0, 0
         return True
+
+    def _give_up_on(self, kind: str, exc: Exception) -> None:
+        """A call MLflow refused (not a failure to reach it): reopening a run the store does not hold starts a new
+        one; anything else is dropped with one line (metrics.jsonl keeps the rows)."""
+        first = str(exc).splitlines()[0][:200]
+        if kind == "open" and self.tracker.run_id is not None:
+            self._say(f"MLflow at {self.tracker.uri} has no run {self.tracker.run_id} to continue ({first}); "
+                      "logging into a new run")
+            self.tracker.run_id = None
+            self._send("open", None)
+            return
+        if kind == "rows":
+            with self._wake:  # drop the head call's rows, as a sent chunk would be
+                _, payload = self._ops[0]
+                self._pending_metrics -= sum(len(row[1]) for row in payload)
+                self._ops[0] = ("rows", [])
+        if kind not in self._refused:  # once per kind: a run deleted meanwhile refuses every call after
+            self._refused.add(kind)
+            self._say(f"MLflow at {self.tracker.uri} refused a {kind} call ({first}); left out of MLflow "
+                      f"(metrics.jsonl in {self.run_dir} has every metric)")
 
     def _send(self, kind: str, payload: Any) -> None:
         t = self.tracker

@@ -54,7 +54,7 @@ from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
 from dist_lm.train.provenance import code_tags, device_tags
 from dist_lm.train.stop import StopCheck, host_group, parse_duration
 from dist_lm.train.system_metrics import SystemMetrics
-from dist_lm.train.tracking import MlflowTracker, NullTracker, read_run_id, resolve_tracking_uri
+from dist_lm.train.tracking import RUN_FILE, MlflowTracker, NullTracker, read_run_id, resolve_tracking_uri
 from dist_lm.warn import warn_once
 
 
@@ -260,6 +260,8 @@ def open_logger(cfg: RunConfig, accelerator: Accelerator, start_step: int, run_i
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if start_step == 0:  # a fresh start is a new MLflow run: an earlier attempt's mlflow.json must not name it
+            (run_dir / RUN_FILE).unlink(missing_ok=True)
     tracker = make_tracker(cfg, accelerator.is_main_process, run_id, resumed=start_step > 0)
     logger = RunLogger(run_dir, tracker=tracker, is_main=accelerator.is_main_process, start_step=start_step,
                        max_steps=cfg.train.max_steps)
@@ -298,7 +300,7 @@ def system_metrics(cfg: RunConfig, accelerator: Accelerator, group: object | Non
     return SystemMetrics(group=group, is_main=accelerator.is_main_process,
                          is_local_main=accelerator.is_local_main_process,
                          machine_rank=accelerator.process_index // max(1, per_machine),
-                         cuda=accelerator.device.type == "cuda")
+                         local_index=accelerator.local_process_index, device=accelerator.device)
 
 
 def start_line(run: Run) -> str:

@@ -2,9 +2,10 @@
 utilisation and memory, logged beside the run's metrics at each log step as `system/<node>/<what>`.
 
 Design decisions:
-- One process per node samples, the node's local main process: host figures are the node's, and each local GPU is
-  read by index from there. GPU memory comes from cudaMemGetInfo (every process on the GPU counts, as nvidia-smi
-  shows); utilisation from NVML through torch.cuda.utilization when pynvml is installed, left out otherwise.
+- The node's local main process reads the host (CPU, memory); every process reads its own GPU only (so no process
+  opens a CUDA context on another's GPU), named by its index on the node. GPU memory comes from cudaMemGetInfo
+  (every process on the GPU counts, as nvidia-smi shows); utilisation from NVML through torch.cuda.utilization
+  when pynvml is installed, left out otherwise.
 - Sampled at the log step, not by a thread: CPU percent is psutil's average since its previous call, i.e. over
   the log interval; nothing runs between log steps.
 - The figures reach the main process (the only one that talks to MLflow) through one gather over the gloo group
@@ -24,22 +25,29 @@ import torch.distributed as dist
 GIB = 1024**3
 
 
-def sample_node(cuda: bool) -> dict[str, float]:
-    """This node's figures now: CPU percent (since the previous call), memory, and each local GPU's memory and
-    utilisation."""
+def host_figures() -> dict[str, float]:
+    """This node's CPU percent (since the previous call) and memory."""
     import psutil
 
     mem = psutil.virtual_memory()
-    out = {"cpu_percent": psutil.cpu_percent(interval=None), "memory_used_GiB": (mem.total - mem.available) / GIB,
-           "memory_percent": mem.percent}
-    if cuda:
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            out[f"gpu{i}_memory_used_GiB"] = (total - free) / GIB
-            try:
-                out[f"gpu{i}_utilization_percent"] = float(torch.cuda.utilization(i))
-            except (ModuleNotFoundError, RuntimeError):  # no pynvml / NVML here: memory only
-                pass
+    return {"cpu_percent": psutil.cpu_percent(interval=None), "memory_used_GiB": (mem.total - mem.available) / GIB,
+            "memory_percent": mem.percent}
+
+
+def gpu_figures(device: torch.device, local_index: int) -> dict[str, float]:
+    """This process's own GPU (named by its index on the node): memory used by every process on it, and NVML's
+    utilisation where pynvml is installed. Never raises: a figure the driver will not give (MIG, no NVML) is left
+    out, since a metric must not stop a run, nor leave the other ranks waiting in the gather."""
+    out = {}
+    try:
+        free, total = torch.cuda.mem_get_info(device)  # this process's device: no context on another GPU
+        out[f"gpu{local_index}_memory_used_GiB"] = (total - free) / GIB
+    except Exception:  # noqa: BLE001 (see the docstring)
+        pass
+    try:
+        out[f"gpu{local_index}_utilization_percent"] = float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 (no pynvml, NVML not supported here: memory only)
+        pass
     return out
 
 
@@ -48,19 +56,27 @@ class SystemMetrics:
     `collect()` at the same steps (it is a collective when there are several processes)."""
 
     def __init__(self, *, group: object | None, is_main: bool, is_local_main: bool, machine_rank: int,
-                 cuda: bool) -> None:
+                 local_index: int = 0, device: torch.device | None = None) -> None:
         self.group = group
         self.is_main = is_main
         self.is_local_main = is_local_main
         self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # SLURM's name for the node
         self.machine_rank = machine_rank
-        self.cuda = cuda
+        self.local_index = local_index
+        self.device = device if device is not None and device.type == "cuda" else None
         if is_local_main:
-            sample_node(cuda)  # psutil's CPU percent counts from its first call: start the first interval now
+            host_figures()  # psutil's CPU percent counts from its first call: start the first interval now
+
+    def sample(self) -> dict[str, float]:
+        """This process's share: the host's figures (the node's local main process) and its own GPU's."""
+        out = host_figures() if self.is_local_main else {}
+        if self.device is not None:
+            out.update(gpu_figures(self.device, self.local_index))
+        return out
 
     def collect(self) -> dict[str, float]:
         """{"system/<node>/<what>": value} for every node, on the main process ({} elsewhere)."""
-        mine = (self.node, self.machine_rank, sample_node(self.cuda)) if self.is_local_main else None
+        mine = (self.node, self.machine_rank, self.sample())
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size() if self.is_main else None
             dist.gather_object(mine, gathered, dst=0, group=self.group)
@@ -68,10 +84,11 @@ class SystemMetrics:
             gathered = [mine]
         if not self.is_main:
             return {}
-        nodes = [g for g in gathered if g is not None]
-        names = [name for name, _, _ in nodes]
+        machines_by_name: dict[str, set[int]] = {}
+        for name, machine, _ in gathered:
+            machines_by_name.setdefault(name, set()).add(machine)
         out = {}
-        for name, machine, figures in nodes:
-            label = name if names.count(name) == 1 else f"{name}-{machine}"
+        for name, machine, figures in gathered:
+            label = name if len(machines_by_name[name]) == 1 else f"{name}-{machine}"
             out.update({f"system/{label}/{k}": v for k, v in figures.items()})
         return out

@@ -83,13 +83,15 @@ class MlflowTracker(NullTracker):
         self.run_name = run_name
         self.run_id = run_id
         self._client = None  # made by open(), so that its failure is retried with the rest
-        self._logged_up_to = 0
+        self._reopened = False  # a run id given: the run may hold points already (see log_rows)
+        self._held: dict[str, set[int]] = {}  # per metric, the steps a reopened run held (read once per metric)
         self._opened = False
         if open_now:
             self.open()
 
-    def open(self) -> str:
-        """Create the run (or mark the given one RUNNING again); returns its id. Idempotent once it succeeded."""
+    def open(self, *, mark_running: bool = True) -> str:
+        """Create the run, or reopen the given one (a resumed training run: marked RUNNING again unless
+        `mark_running` is False, as backfill wants); returns its id. Idempotent once it succeeded."""
         if self._opened:
             return self.run_id
         if self._client is None:
@@ -103,11 +105,10 @@ class MlflowTracker(NullTracker):
             exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
             self.run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
         else:
-            self._client.update_run(self.run_id, status="RUNNING")
-            # A run that died after its last checkpoint already logged the steps about to be redone (with the
-            # same values: resuming is exact); log them once.
-            history = self._client.get_metric_history(self.run_id, "train/loss")
-            self._logged_up_to = max((m.step for m in history), default=0)
+            self._client.get_run(self.run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run this store lacks
+            if mark_running:
+                self._client.update_run(self.run_id, status="RUNNING")
+            self._reopened = True
         self._opened = True
         return self.run_id
 
@@ -120,16 +121,24 @@ class MlflowTracker(NullTracker):
 
     def log_rows(self, rows: list[tuple], *, skip_logged: bool = True) -> None:
         """(step, metrics) or (step, metrics, timestamp_ms) rows in as few log_batch calls as MLflow's limit per call
-        allows; a row without a timestamp gets now. `skip_logged`: not the steps a reopened run had already logged
-        (see open)."""
+        allows; a row without a timestamp gets now. `skip_logged`: not the (metric, step) points a reopened run
+        already holds (a resumed run redoes the steps after its checkpoint, with the same values: each is logged
+        once, and what the killed attempt never sent is sent now)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        after = self._logged_up_to if skip_logged else -1
-        items = [Metric(k, float(v), row[2] if len(row) > 2 else now, row[0]) for row in rows if row[0] > after
-                 for k, v in row[1].items()]
+        items = [Metric(k, float(v), row[2] if len(row) > 2 else now, row[0]) for row in rows
+                 for k, v in row[1].items() if not (skip_logged and self._holds(k, row[0]))]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, items[i:i + MAX_METRICS_PER_BATCH])
+
+    def _holds(self, key: str, step: int) -> bool:
+        """Whether the reopened run already holds metric `key` at `step` (its history read once per metric)."""
+        if not self._reopened:
+            return False  # a run this process created holds only what it sent, once
+        if key not in self._held:
+            self._held[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        return step in self._held[key]
 
     def log_artifact(self, path: str) -> None:
         self._client.log_artifact(self.run_id, path)

@@ -193,3 +193,30 @@ def test_a_failed_run_ends_failed_with_its_error(tmp_path, sample_shards, server
     info = server.client().get_run(mlflow_run(run))
     assert info.info.status == "FAILED" and info.data.tags["error"].startswith("FloatingPointError: training loss")
     assert json.loads((run / "status.json").read_text())["status"] == "FAILED"
+
+
+def test_resuming_into_a_store_without_the_run_starts_a_new_one_and_backfill_keeps_a_finished_status(
+        tmp_path, sample_shards):
+    """A resumed run whose MLflow run the store no longer holds (mlflow.db deleted, another store at that URI) logs
+    into a new run instead of retrying forever; backfill leaves a finished run's status alone."""
+    db = tmp_path / "mlflow.db"
+    tracked = ("tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{db}")
+    run = tmp_path / "run"
+    ok(launch(tiny_run(run, sample_shards, *tracked), cwd=tmp_path, accelerate_config=None))
+    old_id = mlflow_run(run)
+    db.unlink()
+    resumed = ok(launch(tiny_run(run, sample_shards, *tracked, "train.max_steps=9", "train.resume=latest"),
+                        cwd=tmp_path, accelerate_config=None))
+    assert f"has no run {old_id} to continue" in resumed.stdout, resumed.stdout[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    new_id = mlflow_run(run)
+    assert new_id != old_id and client.get_run(new_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(new_id, "train/loss")) == [7, 8, 9]
+
+    (run / "status.json").unlink()  # backfill without a final status to set: the run's own stays
+    backfill = [sys.executable, str(ROOT / "launch" / "backfill_mlflow.py"), "--run-dir", str(run)]
+    done = ok(subprocess.run(backfill, capture_output=True, text=True, env=checkout_env(), timeout=120))
+    assert client.get_run(new_id).info.status == "FINISHED", done.stdout
+    assert sorted(m.step for m in client.get_metric_history(new_id, "train/loss")) == list(range(1, 10))
