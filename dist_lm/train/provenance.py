@@ -44,10 +44,13 @@ def code_tags(package_dir: Path | None = None) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": dirty, "mlflow.source.git.commit": commit}
 
 
+def processes_per_machine(num_processes: int) -> int:
+    """How many processes the launcher started on each machine (its LOCAL_WORLD_SIZE; all of them without one)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or num_processes))
+
+
 def device_tags(device: torch.device, num_processes: int) -> dict[str, str]:
-    """The accelerator's name (the main process's), and how many processes on how many machines (the launcher's
-    LOCAL_WORLD_SIZE: processes per machine)."""
+    """The accelerator's name (the main process's), and how many processes on how many machines."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or num_processes)
     return {"device": name, "num_processes": str(num_processes),
-            "num_machines": str(max(1, num_processes // max(1, per_machine)))}
+            "num_machines": str(max(1, num_processes // processes_per_machine(num_processes)))}

@@ -15,7 +15,6 @@ Design decisions:
 from __future__ import annotations
 
 import fcntl
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -51,7 +50,7 @@ from dist_lm.train.checkpoint import (
 )
 from dist_lm.train.logger import RunLogger
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
-from dist_lm.train.provenance import code_tags, device_tags
+from dist_lm.train.provenance import code_tags, device_tags, processes_per_machine
 from dist_lm.train.stop import StopCheck, host_group, parse_duration
 from dist_lm.train.system_metrics import SystemMetrics
 from dist_lm.train.tracking import RUN_FILE, MlflowTracker, NullTracker, read_run_id, resolve_tracking_uri
@@ -296,10 +295,9 @@ def system_metrics(cfg: RunConfig, accelerator: Accelerator, group: object | Non
     """The system-metrics collector when tracking and tracking.system_metrics are on (the same on every rank)."""
     if not (cfg.tracking.enabled and cfg.tracking.system_metrics):
         return None
-    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
     return SystemMetrics(group=group, is_main=accelerator.is_main_process,
                          is_local_main=accelerator.is_local_main_process,
-                         machine_rank=accelerator.process_index // max(1, per_machine),
+                         machine_rank=accelerator.process_index // processes_per_machine(accelerator.num_processes),
                          local_index=accelerator.local_process_index, device=accelerator.device)
 
 

@@ -137,7 +137,7 @@ class MlflowTracker(NullTracker):
         if not self._reopened:
             return False  # a run this process created holds only what it sent, once
         if key not in self._held:
-            self._held[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+            self._held[key] = self.logged_steps(key)
         return step in self._held[key]
 
     def log_artifact(self, path: str) -> None:
