@@ -2,8 +2,8 @@
 
 Design decisions:
 - The loop hands each row (a step and its metrics) to `RunLogger.log` and nothing else; the sink decides what each
-  destination gets. MLflow gets it through a background writer (dist_lm.train.mlflow_writer): the loop never
-  waits for MLflow, and an MLflow outage costs it nothing.
+  destination gets. MLflow gets it through a writer in a process of its own (dist_lm.train.mlflow_process): the
+  loop never waits for MLflow, an MLflow outage costs it nothing, and MLflow's work never holds its GIL.
 - metrics.jsonl is the run's own record, readable without MLflow (launch/compare_runs.py, the tests and the
   benchmarks read it): one JSON object per row, its step first. Only the main process writes it, and a resumed run
   first cuts it back to its checkpoint's step: the steps after it are trained again, and logged once.
@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dist_lm.train.mlflow_writer import MlflowWriter
+from dist_lm.train.mlflow_process import MlflowProcess
 from dist_lm.train.tracking import MlflowTracker, NullTracker
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,13 +59,13 @@ class RunLogger:
             truncate_metrics(run_dir / METRICS_FILE, start_step)
         self._bar = tqdm(total=max_steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                          unit="step", dynamic_ncols=True, mininterval=1.0)
-        self._mlflow = MlflowWriter(tracker, run_dir=run_dir, say=self.say) if isinstance(tracker, MlflowTracker) \
+        self._mlflow = MlflowProcess(tracker, run_dir=run_dir, say=self.say) if isinstance(tracker, MlflowTracker) \
             else None
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run's id (None without tracking, on other ranks, and until the writer has opened the run)."""
-        return self.tracker.run_id
+        return self._mlflow.run_id if self._mlflow is not None else None
 
     def _send(self, kind: str, payload: Any) -> None:
         if self._mlflow is not None:

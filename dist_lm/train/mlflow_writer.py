@@ -1,5 +1,7 @@
 """The run's MLflow calls, made from a background thread: the training loop never waits for MLflow.
 
+It runs in the MLflow writer process (dist_lm.train.mlflow_process), which the training process feeds.
+
 Design decisions:
 - The loop's thread only appends to a queue (`submit`). A writer thread sends what is queued every `flush_s`
   seconds, or at once when 1,000 metrics are waiting (MLflow's limit per log_batch call): many steps per call,
@@ -45,10 +47,11 @@ class MlflowWriter:
     """Sends `tracker`'s calls from a daemon thread (see the module docstring)."""
 
     def __init__(self, tracker: MlflowTracker, *, run_dir: Path, say: Callable[[str], None], flush_s: float = 5.0,
-                 close_timeout_s: float = 8.0) -> None:
+                 close_timeout_s: float = 8.0, on_open: Callable[[str], None] | None = None) -> None:
         self.tracker = tracker
         self.run_dir = run_dir
         self._say = say
+        self._on_open = on_open
         self._flush_s = flush_s
         self._close_timeout_s = close_timeout_s
         self._ops: deque[tuple[str, Any]] = deque([("open", None)])
@@ -64,10 +67,11 @@ class MlflowWriter:
         self._thread.start()
 
     def submit(self, kind: str, payload: Any) -> None:
-        """Queue one call: ("params", dict), ("tags", dict), ("artifact", path), ("rows", [(step, metrics)])."""
+        """Queue one call: ("params", dict), ("tags", dict), ("artifact", path), ("rows", [(step, metrics)]), a row
+        possibly stamped already: (step, metrics, time_ms)."""
         if kind == "rows":  # stamped now: a metric's time is when its step ran, not when MLflow took it
             now = int(time.time() * 1000)
-            payload = [(step, metrics, now) for step, metrics in payload]
+            payload = [(row[0], row[1], row[2] if len(row) > 2 else now) for row in payload]
         with self._wake:
             self._ops.append((kind, payload))
             if kind == "rows":
@@ -187,6 +191,8 @@ class MlflowWriter:
         if kind == "open":
             t.open()
             write_run_file(self.run_dir, t)
+            if self._on_open is not None:
+                self._on_open(t.run_id)
         elif kind == "params":
             t.log_params(payload)
         elif kind == "tags":

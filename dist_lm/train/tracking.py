@@ -6,8 +6,9 @@ Design decisions:
 - `MlflowClient` with an explicit run id rather than mlflow's global active run, so a resumed training run logs
   into the same MLflow run (its id is stored in every checkpoint and in run_dir/mlflow.json).
 - Params are the flattened config (`optim.lr`), so runs compare key by key.
-- MlflowTracker's calls raise: the run's logger (dist_lm.train.logger) makes them from its background writer,
-  keeps what failed and sends it again, so a tracking failure never stops or slows training.
+- MlflowTracker's calls raise: the run's writer (dist_lm.train.mlflow_writer, in a process of its own:
+  dist_lm.train.mlflow_process) keeps what failed and sends it again, so a tracking failure never stops or slows
+  training. Made in the training process, an MlflowTracker only names the run (it imports no MLflow there).
 - A server that does not answer must not cost minutes: unless the user set them, this process gives each HTTP
   request 5 s and one retry (MLflow's defaults are 120 s and 7 retries with exponential backoff: 4 minutes).
 - Backfill (`backfill`, launch/backfill_mlflow.py) sends what metrics.jsonl holds and the MLflow run lacks, by
@@ -16,6 +17,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -76,7 +78,8 @@ class MlflowTracker(NullTracker):
                  open_now: bool = True) -> None:
         for key, value in HTTP_LIMITS.items():
             os.environ.setdefault(key, value)  # before MLflow's first request: it reads them per request
-        import mlflow.tracking  # noqa: F401 (not installed: the caller trains without tracking, and says so)
+        if importlib.util.find_spec("mlflow") is None:  # the caller trains without tracking, and says so
+            raise ModuleNotFoundError("No module named 'mlflow' (pip install mlflow)")
 
         self.uri = uri
         self.experiment = experiment

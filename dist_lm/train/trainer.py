@@ -315,8 +315,8 @@ def finish(run: Run, result: TrainResult) -> None:
                            f"{result.sample}\n---")
         sampler = None
     tracker = run.logger.tracker
-    if tracker.run_id:
-        run.logger.say(f"MLflow run {tracker.run_id} in {tracker.uri}\nview it with: {view_command(tracker.uri)}")
+    if run.logger.run_id:
+        run.logger.say(f"MLflow run {run.logger.run_id} in {tracker.uri}\nview it with: {view_command(tracker.uri)}")
     acc.wait_for_everyone()
     # Drop everything that holds the process group (the DDP module's reducer, FSDP2's mesh, the averager's groups)
     # before destroying it. Held in a reference cycle, they would be freed at interpreter exit, and a gloo group

@@ -72,10 +72,19 @@ def server(tmp_path):
 
 
 def start(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
+    """launch/train.py in a process group of its own (its pid is the group's), as a shell runs a job."""
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
            *tiny_run(run_dir, data, *extra)]
     return subprocess.Popen(cmd, cwd=run_dir.parent, env={**checkout_env(), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def writer_process(trainer: subprocess.Popen) -> int:
+    """The pid of the trainer's MLflow writer process."""
+    found = subprocess.run(["pgrep", "-P", str(trainer.pid), "-f", "dist_lm.train.mlflow_process"],
+                           capture_output=True, text=True).stdout.split()
+    assert len(found) == 1, found
+    return int(found[0])
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -160,7 +169,7 @@ def test_status_killed_on_a_signal_running_again_when_resumed_then_finished(tmp_
     tracked = ("tracking.enabled=true", f"tracking.tracking_uri={server.uri}")
     proc = start(run, sample_shards, "train.max_steps=100000", "optim.cosine_steps=100000", *LONG, *tracked)
     wait_until(lambda: logged_steps(run) >= 20 and (run / "mlflow.json").exists(), proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, the MLflow writer process too
     proc.communicate(timeout=120)
     client = server.client()
     run_id = mlflow_run(run)
@@ -222,3 +231,53 @@ def test_resuming_into_a_store_without_the_run_starts_a_new_one_and_backfill_kee
     done = ok(subprocess.run(backfill, capture_output=True, text=True, env=checkout_env(), timeout=120))
     assert client.get_run(new_id).info.status == "FINISHED", done.stdout
     assert sorted(m.step for m in client.get_metric_history(new_id, "train/loss")) == list(range(1, 10))
+
+
+def sqlite_tracking(tmp_path: Path) -> tuple[str, ...]:
+    return ("tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_a_trainer_killed_without_a_word_leaves_its_run_killed_with_what_it_logged(tmp_path, sample_shards):
+    """SIGKILL (or the OOM killer) gives the trainer no chance to end its MLflow run: its writer process sees the
+    pipe close, sends what it was handed, and ends the run KILLED, saying why."""
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    proc = start(run, sample_shards, "train.max_steps=100000", "optim.cosine_steps=100000", *LONG,
+                 *sqlite_tracking(tmp_path))
+    wait_until(lambda: logged_steps(run) >= 20 and (run / "mlflow.json").exists(), proc)
+    writer = writer_process(proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{writer}").exists():  # the writer's last sends and its exit
+        assert time.monotonic() < deadline, "the writer process did not end after its trainer was killed"
+        time.sleep(0.2)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    info = client.get_run(mlflow_run(run))
+    assert info.info.status == "KILLED" and "without a word" in info.data.tags["killed"]
+    sent = {m.step for m in client.get_metric_history(info.info.run_id, "train/loss")}
+    logged = {json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if line.endswith("}") and "train/loss" in line}  # the kill may cut the last line short
+    assert len(logged) >= 20 and logged <= sent  # every step the trainer logged reached MLflow
+
+
+def test_a_dead_writer_process_costs_the_run_nothing_and_backfill_sends_the_rest(tmp_path, sample_shards):
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    proc = start(run, sample_shards, "train.max_steps=150", "optim.cosine_steps=150", *LONG,
+                 *sqlite_tracking(tmp_path))
+    wait_until(lambda: logged_steps(run) >= 20 and (run / "mlflow.json").exists(), proc)
+    os.kill(writer_process(proc), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("the MLflow writer process stopped") == 1 and "launch/backfill_mlflow.py" in out, out[-3000:]
+    assert sorted(step_losses(run)) == list(range(1, 151))  # metrics.jsonl has every step
+
+    backfill = [sys.executable, str(ROOT / "launch" / "backfill_mlflow.py"), "--run-dir", str(run)]
+    ok(subprocess.run(backfill, capture_output=True, text=True, env=checkout_env(), timeout=120))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = mlflow_run(run)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 151))
+    assert client.get_run(run_id).info.status == "FINISHED"

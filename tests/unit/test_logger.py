@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from dist_lm.train.logger import METRICS_FILE, RunLogger
 from dist_lm.train.tracking import MlflowTracker, NullTracker
@@ -13,7 +14,7 @@ def _rows(run_dir):
 
 
 def test_a_row_goes_to_the_console_the_file_and_mlflow_once(tmp_path, capsys):
-    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "sink", "run")
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "sink", "run", open_now=False)
     logger = RunLogger(tmp_path, tracker=tracker, is_main=True, start_step=0, max_steps=30)
     logger.log(3, {"train/loss": 2.5, "train/lr": 1e-3, "train/grad_norm": 0.5, "epoch": 0.1,
                    "perf/tokens_per_s": 12345.6, "perf/mfu": 0.42},
@@ -28,11 +29,15 @@ def test_a_row_goes_to_the_console_the_file_and_mlflow_once(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3, 3]  # earlier rows first, in step order
     assert rows[2]["train/loss"] == 2.5 and rows[2]["perf/mfu"] == 0.42 and rows[3] == {"step": 3, "val/loss": 2.6}
 
-    client = tracker._client
-    history = client.get_metric_history(tracker.run_id, "train/loss")
+    # the writer process opened the run and said which; this process made no MLflow call
+    run_id = logger.run_id
+    assert run_id and json.loads((tmp_path / "mlflow.json").read_text())["run_id"] == run_id
+    assert tracker._client is None and tracker.run_id is None
+    client = MlflowClient(tracker.uri)
+    history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.75), (3, 2.5)]
-    assert [m.step for m in client.get_metric_history(tracker.run_id, "val/loss")] == [3]
-    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [3]
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_the_compile_row_and_rows_without_console_fields(tmp_path, capsys):
