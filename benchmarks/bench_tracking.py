@@ -23,7 +23,8 @@ Design decisions:
   minutes apart, so a drifting machine moves both alike); the issue's target is <= 1%.
 - Shapes: seed = configs/tinystories_seed.yaml (48.8M parameters, batch 32 x 256, bf16) compiled (train.compile
   is off in the config; the issue's 845k tokens/s is the compiled trainer), 124m = bench_train's 124M shape (d768,
-  12 layers, vocab 32,000, batch 16 x 1024, bf16, compiled), cpu = configs/demo.yaml (eager).
+  12 layers, vocab 32,000, batch 16 x 1024, bf16, compiled), cpu = configs/demo.yaml (eager), cpu-tiny = the demo
+  config at d32, 2 layers, batch 4 x 32: a step of a few milliseconds, host-bound as an eager GPU step is.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ SHAPES: dict[str, tuple[str, list[str], int]] = {
                                        "model.num_heads=12", "model.d_ff=2048", "model.vocab_size=32000",
                                        "model.seq_len=1024", "train.batch_size=16", "train.log_interval=20"], 800),
     "cpu": ("demo.yaml", ["train.log_interval=10"], 200),
+    # host-bound: a step of a few ms, mostly Python, like an eager GPU step; what competes for the GIL shows here
+    "cpu-tiny": ("demo.yaml", ["train.log_interval=20", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+                               "model.seq_len=32", "train.batch_size=4"], 3000),
 }
 
 

@@ -276,7 +276,7 @@ def open_logger(cfg: RunConfig, accelerator: Accelerator, start_step: int, run_i
 
 
 def make_tracker(cfg: RunConfig, is_main: bool, run_id: str | None, resumed: bool = False) -> NullTracker:
-    """The main process's MLflow run (opened later, by the logger's writer thread), or a NullTracker: on the other
+    """The main process's MLflow run (opened later, by the logger's writer process), or a NullTracker: on the other
     ranks, with tracking off, or when MLflow cannot even be set up here (not installed, a malformed URI)."""
     tracking = cfg.tracking
     if not (tracking.enabled and is_main):

@@ -176,7 +176,7 @@ def test_status_killed_on_a_signal_running_again_when_resumed_then_finished(tmp_
     assert client.get_run(run_id).info.status == "KILLED"
     stopped = json.loads((run / "status.json").read_text())["step"]
 
-    # The writer thread reopens the run off the training thread, so RUNNING shows a moment after training goes
+    # The writer process reopens the run beside the training process, so RUNNING shows a moment after training goes
     # on (on the 2-core CI VM, more than 10 steps later): the resumed run is long enough to be seen running.
     more = 100
     resumed = start(run, sample_shards, f"train.max_steps={stopped + more}", "optim.cosine_steps=100000", *LONG,
