@@ -1,11 +1,12 @@
 """The run's MLflow writer in a process of its own: the training process never runs MLflow's code.
 
 Design decisions:
-- Measured on an H100 (the seed shape, eager, the real launch/train.py path): with the writer a thread of the
-  training process, a sqlite store cost 3.3% of tokens/s, a server 0% (within the noise). The sqlite store's work
-  (SQLAlchemy, in Python) ran in the training process and held the GIL that a host-bound training loop needs; a
-  server does that work in its own process. The child here does it for every store, so no store's work competes
-  with the training loop for the GIL, and MLflow's import (seconds, ~100 MB) stays out of the training process.
+- Why a process and not a thread: a sqlite store's work (SQLAlchemy, in Python) done by a thread of the training
+  process holds the GIL that a host-bound training loop (an eager GPU step launches its kernels from Python) needs
+  at that moment; a server does that work in its own process. One H100 measurement with the writer a thread (the
+  seed shape, eager, one run per mode) had sqlite at -3.3% of tokens/s and a server at +1.1%. In a child process
+  no store's work holds the training process's GIL, MLflow's import (seconds, ~100 MB) stays out of it, and a
+  trainer killed without a word still gets its run ended (below).
 - The child (`python -m dist_lm.train.mlflow_process`) runs MlflowWriter unchanged: batching, retries through
   an outage, the bounded end. The training process writes JSON lines to its stdin (a header naming the run, then
   one line per call) and reads JSON lines from its stdout (a line to say, the run's id once it is open, and at
