@@ -7,7 +7,7 @@ Design decisions:
   seed shape, eager, one run per mode) had sqlite at -3.3% of tokens/s and a server at +1.1%. In a child process
   no store's work holds the training process's GIL, MLflow's import (seconds, ~100 MB) stays out of it, and a
   trainer killed without a word still gets its run ended (below).
-- The child (`python -m dist_lm.train.mlflow_process`) runs MlflowWriter unchanged: batching, retries through
+- The child (`main` here, in a fresh interpreter) runs MlflowWriter unchanged: batching, retries through
   an outage, the bounded end. The training process writes JSON lines to its stdin (a header naming the run, then
   one line per call) and reads JSON lines from its stdout (a line to say, the run's id once it is open, and at
   the end how many calls were left unsent). JSON both ways, no pickle; NaN and infinite losses pass.
@@ -38,7 +38,7 @@ from dist_lm.train.mlflow_writer import MlflowWriter
 from dist_lm.train.tracking import MlflowTracker
 
 MAX_BUFFERED_BYTES = 64 << 20  # calls waiting for a child that does not read (stopped, hung) beyond which they drop
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding dist_lm/, for the child's import path
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding dist_lm/, first on the child's path
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 KILLED_TAG = "killed"
 
@@ -56,9 +56,9 @@ class MlflowProcess:
         self._unsent: int | None = None
         self._lost = False
         self._buffer = bytearray()
-        path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env={**os.environ, "PYTHONPATH": path})
+        # The child imports this very dist_lm (the one at PACKAGE_ROOT), whatever the working directory holds.
+        boot = f"import sys; sys.path.insert(0, {str(PACKAGE_ROOT)!r}); from {__name__} import main; sys.exit(main())"
+        self._proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._fd = self._proc.stdin.fileno()
         os.set_blocking(self._fd, False)
         self._reader = threading.Thread(target=self._read, name="dist_lm-mlflow-reader", daemon=True)
