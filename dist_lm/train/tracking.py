@@ -17,10 +17,13 @@ Design decisions:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,19 @@ class NullTracker:
 
     def open(self) -> str | None:
         return None
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, created if the store has none of that name (by this process or, at the same moment,
+        by another run's: a server answers that one RESOURCE_ALREADY_EXISTS)."""
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self._client.create_experiment(self.experiment)
+        except Exception as exc:
+            if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self._client.get_experiment_by_name(self.experiment).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -97,21 +113,19 @@ class MlflowTracker(NullTracker):
         `mark_running` is False, as backfill wants); returns its id. Idempotent once it succeeded."""
         if self._opened:
             return self.run_id
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
+        with store_lock(self.uri):
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
 
-            # A sqlite store is created (its tables migrated) here: two runs starting at once on a new file race,
-            # and the loser fails; its writer tries again once the winner has made the tables.
-            self._client = MlflowClient(tracking_uri=self.uri)
-        if self.run_id is None:
-            exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
-            self.run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
-        else:
-            self._client.get_run(self.run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run this store lacks
-            if mark_running:
-                self._client.update_run(self.run_id, status="RUNNING")
-            self._reopened = True
+                self._client = MlflowClient(tracking_uri=self.uri)
+            if self.run_id is None:
+                exp_id = self._experiment_id()
+                self.run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
+            else:
+                self._client.get_run(self.run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run this store lacks
+                if mark_running:
+                    self._client.update_run(self.run_id, status="RUNNING")
+                self._reopened = True
         self._opened = True
         return self.run_id
 
@@ -158,6 +172,30 @@ class MlflowTracker(NullTracker):
 
     def close(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///path` store (relative to the working directory with three slashes, absolute with
+    four); None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Processes of one machine take turns at a sqlite store's first use. MLflow creates and migrates its tables
+    then, and a migration is not safe from two processes at once: two runs started together on a new file (a
+    sweep, two jobs, a test) left `_alembic_tmp_*` tables behind that broke the file for every later reader. The
+    lock is a file beside the store (`mlflow.db.lock`); other stores need none."""
+    path = sqlite_path(uri)
+    if path is None or not path.parent.is_dir():
+        yield  # no directory: MLflow's own error says so, retried by the writer like any other
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+        yield
 
 
 def write_run_file(run_dir: Path, tracker: MlflowTracker) -> None:
