@@ -50,7 +50,8 @@ from pathlib import Path
 import numpy as np
 
 from dist_lm.data.sources import SPLITS, iter_documents
-from dist_lm.errors import UserError
+from dist_lm.errors import StorageError, UserError
+from dist_lm.storage import SPACE_ERRNOS, format_bytes, free_space, storage_errno
 from dist_lm.warn import warn_once
 
 MANIFEST = "manifest.json"
@@ -95,12 +96,12 @@ def prepare_shards(
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     start = time.perf_counter()
     splits = {}
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         for split in SPLITS:
             docs = iter_documents(source, split, text_field=text_field, val_fraction=val_fraction)
             splits[split] = _write_split(docs, tokenizer, tmp_dir, split, dtype, shard_tokens, num_workers)
@@ -119,9 +120,30 @@ def prepare_shards(
         }
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace_dir(tmp_dir, out_dir)
+    except OSError as exc:
+        code = storage_errno(exc)
+        if code is None:
+            raise
+        raise _storage_error(code, tmp_dir, out_dir) from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+def _storage_error(code: int, tmp_dir: Path, out_dir: Path) -> StorageError:
+    """One line for a full disk or a directory without write permission: where, how far it got, that nothing is
+    left half-written (the temporary directory goes first, so the free space given is what the user has), and
+    the fix."""
+    written = sum(p.stat().st_size for p in tmp_dir.rglob("*") if p.is_file()) if tmp_dir.exists() else 0
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    kept = f"; the shards already in {out_dir} are kept" if (out_dir / MANIFEST).exists() else ""
+    fix = ("free space (or raise the quota) or choose another output directory" if code in SPACE_ERRNOS
+           else f"make {out_dir.parent} writable or choose another output directory")
+    error = StorageError(f"could not write token shards to {out_dir}: {os.strerror(code)} (after "
+                         f"{format_bytes(written)} of shards, now removed: {free_space(out_dir)} free on that "
+                         f"filesystem{kept}); {fix}, then run the same command again")
+    error.errno = code
+    return error
 
 
 def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -146,7 +168,8 @@ def _write_split(docs, tokenizer, root: Path, split: str, dtype, shard_tokens: i
     def flush() -> None:
         nonlocal filled
         name = f"{split}/shard_{len(shards):06d}.bin"
-        buffer[:filled].tofile(root / name)
+        with open(root / name, "wb") as f:  # not ndarray.tofile: its short write on a full disk has no errno
+            f.write(memoryview(buffer[:filled]))
         shards.append({"file": name, **shard_record(buffer[:filled])})
         filled = 0
 

@@ -40,12 +40,10 @@ Design decisions:
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dist_lm.errors import StorageError, UserError
+from dist_lm.storage import SPACE_ERRNOS, format_bytes, free_space, storage_errno
 from dist_lm.warn import warn_once
 
 FORMAT_VERSION = 2
@@ -70,9 +69,6 @@ _OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 # state.json keys each reader needs: generation and export read the config, a resume reads the rest too
 INFERENCE_KEYS = ("step", "config", "tokenizer_fingerprint")
 RESUME_KEYS = (*INFERENCE_KEYS, "optimizer", "data", "rng")
-# errno values that mean "no room or no right to write here": the user can fix them, so they are one line
-SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-PERMISSION_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 _HASH_CHUNK = 8 << 20
 
 
@@ -256,7 +252,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     try:
         tmp = _write_temporary(root, final.name, files, {"format_version": FORMAT_VERSION, "step": step, **state})
     except (OSError, SafetensorError) as exc:
-        code = _storage_errno(exc)
+        code = storage_errno(exc)
         if code is None:
             raise
         raise _storage_error(code, final, files) from None
@@ -325,16 +321,6 @@ def _prune(stale: list[Path]) -> None:
         shutil.rmtree(trash)
 
 
-def _storage_errno(exc: BaseException) -> int | None:
-    """The errno of a write that failed for want of space or permission, else None. safetensors reports the OS
-    error inside its message ("... No space left on device (os error 28)")."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code is None:
-        match = re.search(r"os error (\d+)", str(exc))
-        code = int(match.group(1)) if match else None
-    return code if code in SPACE_ERRNOS + PERMISSION_ERRNOS else None
-
-
 def _storage_error(code: int, final: Path, files: dict[str, dict[str, torch.Tensor]]) -> StorageError:
     """One line: what failed where, the free space against the need, what is still intact, and the fix."""
     root = final.parent
@@ -345,34 +331,13 @@ def _storage_error(code: int, final: Path, files: dict[str, dict[str, torch.Tens
               else "no earlier checkpoint of this run exists")
     fix = ("free space (or raise the quota) or point run_dir elsewhere" if code in SPACE_ERRNOS
            else f"make {root} writable or point run_dir elsewhere")
-    error = StorageError(f"could not save checkpoint {final}: {os.strerror(code)} ({_free_space(root)} free on "
+    error = StorageError(f"could not save checkpoint {final}: {os.strerror(code)} ({free_space(root)} free on "
                          f"that filesystem, the checkpoint needs about {format_bytes(needed)}); {intact}; {fix} "
                          f"(moving {run_dir} there), then continue with train.resume=latest")
     error.errno = code  # str() stays the one line: OSError adds "[Errno N] ..." only once strerror or filename is set
     return error
 
 
-def _free_space(path: Path) -> str:
-    """Free space on the filesystem holding `path` (or its nearest existing parent), for an error message."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return format_bytes(shutil.disk_usage(path).free)
-    except OSError:
-        return "unknown space"
-
-
-def format_bytes(n: int) -> str:
-    """Bytes for a message: '812 KiB', '7.4 MiB', '1.21 GiB'.
-
-    >>> format_bytes(7_800_000)
-    '7.4 MiB'
-    """
-    if n < 1 << 20:
-        return f"{n / 1024:.0f} KiB"
-    if n < 1 << 30:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{n / (1 << 30):.2f} GiB"
 
 
 # ----------------------------------------------------------------------------------------------

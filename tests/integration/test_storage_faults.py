@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, checkout_env, launch, ok, step_losses, tiny_run
+from conftest import ROOT, TOKENIZER, checkout_env, launch, ok, step_losses, tiny_run
 
 from dist_lm.data.shards import shard_record
 from dist_lm.train.checkpoint import load_checkpoint
@@ -194,3 +194,23 @@ def test_full_disk_under_two_processes_stops_both_at_once(tmp_path, sample_shard
         assert "exitcode  : 2" in proc.stderr and "stall" not in proc.stderr
         assert took < 90, took  # start-up and 6 steps, far from the 120 s stall timeout
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000003"]
+
+
+def test_shards_on_a_full_disk_are_one_line_leave_nothing_half_written_and_keep_the_old_ones(tmp_path,
+                                                                                             sample_shards):
+    size = sum(p.stat().st_size for p in sample_shards.rglob("*") if p.is_file())
+    prepare = ("prepare_data.py", "--source", "bundled:tinystories", "--tokenizer", str(TOKENIZER), "--workers", "1")
+    # Room for one set of shards and half of another: the first prepare fits, a rebuild beside it does not.
+    with tmpfs(tmp_path / "disk", size * 3 // 2) as disk:
+        ok(script(*prepare, "--out", str(disk / "shards"), cwd=tmp_path))
+        before = snapshot(disk / "shards")
+        proc = script(*prepare, "--out", str(disk / "shards"), "--overwrite", cwd=tmp_path)
+        one_line_error(proc, f"could not write token shards to {disk / 'shards'}: No space left on device (after ",
+                       "of shards, now removed: ", f"the shards already in {disk / 'shards'} are kept",
+                       "free space (or raise the quota) or choose another output directory")
+        assert snapshot(disk / "shards") == before and sorted(p.name for p in disk.iterdir()) == ["shards"]
+        ok(script("prepare_data.py", "--verify", str(disk / "shards"), cwd=tmp_path))
+        # the trainer preparing its bundled data on a full disk: the same line, through the training entry point
+        proc = train(tmp_path / "run", disk / "other", "data.source=bundled:tinystories", cwd=tmp_path)
+        one_line_error(proc, f"could not write token shards to {disk / 'other'}: No space left on device")
+        assert sorted(p.name for p in disk.iterdir()) == [".other.prepare.lock", "shards"]  # the lock is empty
