@@ -44,6 +44,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def prepare_shards(
     start = time.perf_counter()
     splits = {}
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _writing():
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         for split in SPLITS:
             docs = iter_documents(source, split, text_field=text_field, val_fraction=val_fraction)
@@ -118,16 +120,34 @@ def prepare_shards(
             "splits": splits,
             "seconds": round(time.perf_counter() - start, 2),
         }
-        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp_dir, out_dir)
-    except OSError as exc:
-        code = storage_errno(exc)
+        with _writing():
+            (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _replace_dir(tmp_dir, out_dir)
+    except _WriteFailed as failed:
+        code = storage_errno(failed.error)
         if code is None:
-            raise
-        raise _storage_error(code, tmp_dir, out_dir) from exc
+            raise failed.error from None
+        raise _storage_error(code, tmp_dir, out_dir) from failed.error
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+class _WriteFailed(Exception):
+    """An OSError of writing the shards, as opposed to reading the source (an unreadable source file is not the
+    output directory's fault)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextmanager
+def _writing() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise _WriteFailed(exc) from exc
 
 
 def _storage_error(code: int, tmp_dir: Path, out_dir: Path) -> StorageError:
@@ -158,7 +178,8 @@ def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _write_split(docs, tokenizer, root: Path, split: str, dtype, shard_tokens: int, num_workers) -> dict:
-    (root / split).mkdir(parents=True, exist_ok=True)
+    with _writing():
+        (root / split).mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
     buffer = np.empty(shard_tokens, dtype=dtype)
     filled = 0
@@ -168,7 +189,7 @@ def _write_split(docs, tokenizer, root: Path, split: str, dtype, shard_tokens: i
     def flush() -> None:
         nonlocal filled
         name = f"{split}/shard_{len(shards):06d}.bin"
-        with open(root / name, "wb") as f:  # not ndarray.tofile: its short write on a full disk has no errno
+        with _writing(), open(root / name, "wb") as f:  # not ndarray.tofile: its short write has no errno
             f.write(memoryview(buffer[:filled]))
         shards.append({"file": name, **shard_record(buffer[:filled])})
         filled = 0

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from dist_lm.train.mlflow_writer import MlflowWriter
 from dist_lm.train.tracking import MlflowTracker
 
 MAX_BUFFERED_BYTES = 64 << 20  # calls waiting for a child that does not read (stopped, hung) beyond which they drop
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding dist_lm/, first on the child's path
+PATH_ENV = "DIST_LM_WRITER_SYS_PATH"  # the training process's sys.path, handed to the child
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 KILLED_TAG = "killed"
 
@@ -56,11 +57,16 @@ class MlflowProcess:
         self._unsent: int | None = None
         self._lost = False
         self._buffer = bytearray()
-        # The child imports this very dist_lm (the one at PACKAGE_ROOT), whatever the working directory holds.
-        boot = f"import sys; sys.path.insert(0, {str(PACKAGE_ROOT)!r}); from {__name__} import main; sys.exit(main())"
-        self._proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # The child imports what this process imports (its sys.path, without the working directory `python -c`
+        # would put first: a user's uuid.py there must not shadow the standard library's).
+        boot = (f"import json, os, sys; sys.path[:] = json.loads(os.environ.pop({PATH_ENV!r})); "
+                f"from {__name__} import main; sys.exit(main())")
+        env = {**os.environ, PATH_ENV: json.dumps([p for p in sys.path if p])}
+        self._proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env)
         self._fd = self._proc.stdin.fileno()
         os.set_blocking(self._fd, False)
+        _LIVE.add(self)
         self._reader = threading.Thread(target=self._read, name="dist_lm-mlflow-reader", daemon=True)
         self._reader.start()
         self._write({"uri": tracker.uri, "experiment": tracker.experiment, "run_name": tracker.run_name,
@@ -102,6 +108,8 @@ class MlflowProcess:
                 continue
             if "say" in answer:
                 self._say(answer["say"])
+            elif "fatal" in answer:  # MLflow cannot even be imported there: say it once, send nothing more
+                self._lose(f"MLflow cannot be used: {answer['fatal']}")
             elif "run_id" in answer:
                 self.run_id = answer["run_id"]
             elif "unsent" in answer:
@@ -122,7 +130,9 @@ class MlflowProcess:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return  # the next call writes on
-                select.select([], [self._fd], [], min(left, 0.5))
+                poller = select.poll()  # not select.select: it refuses a descriptor numbered 1024 or more
+                poller.register(self._fd, select.POLLOUT)
+                poller.poll(min(left, 0.5) * 1000)
             except OSError as exc:  # BrokenPipeError: the child is gone
                 self._lose(f"{type(exc).__name__}, exit status {self._proc.poll()}")
                 return
@@ -135,17 +145,36 @@ class MlflowProcess:
                       f"{self.run_dir}: send them with python launch/backfill_mlflow.py --run-dir {self.run_dir}")
 
 
+def _close_in_fork_child() -> None:
+    """A process forked from the training process (a data loader worker) must not hold the writer's pipe open: the
+    child learns that the trainer died from the pipe's end, which a forked copy would put off until it exits."""
+    for writer in list(_LIVE):
+        writer._lost = True
+        try:
+            writer._proc.stdin.close()
+        except OSError:
+            pass
+
+
+_LIVE: weakref.WeakSet[MlflowProcess] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_close_in_fork_child)
+
+
 def main() -> int:
     """The child: one MlflowWriter fed from stdin, answering on stdout."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # Answers get stdout's descriptor to themselves; anything a library prints (MLflow prints "View run ..." links)
+    # goes to stderr instead of into an answer.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     lock = threading.Lock()  # the writer thread and this one both answer
 
     def tell(**answer: Any) -> None:
         with lock:
             try:
-                sys.stdout.write(json.dumps(answer) + "\n")
-                sys.stdout.flush()
+                answers.write(json.dumps(answer) + "\n")
+                answers.flush()
             except (OSError, ValueError):  # the training process is gone: its log (our stderr) still reads
                 if "say" in answer:
                     print(answer["say"], file=sys.stderr, flush=True)
@@ -154,6 +183,11 @@ def main() -> int:
         header = json.loads(sys.stdin.readline())
     except ValueError:
         return 0  # the training process ended before it named a run
+    try:
+        import mlflow.tracking  # noqa: F401 (a broken install: one line, and the run trains without tracking)
+    except Exception as exc:
+        tell(fatal=f"{type(exc).__name__}: {exc}")
+        return 1
     tracker = MlflowTracker(header["uri"], header["experiment"], header["run_name"], header["run_id"], open_now=False)
     writer = MlflowWriter(tracker, run_dir=Path(header["run_dir"]), say=lambda text: tell(say=text),
                           flush_s=header["flush_s"], close_timeout_s=header["close_timeout_s"],
@@ -168,10 +202,11 @@ def main() -> int:
             tell(unsent=writer.close(status, tags))
             return 0
         writer.submit(call["kind"], call["payload"])
-    # The end of stdin with no close: the training process died without a word.
-    tell(say=f"the training process of {header['run_dir']} ended without ending its MLflow run (SIGKILL, out of "
-             "memory?): sending what it logged and marking the run KILLED")
-    writer.close("KILLED", {KILLED_TAG: "the training process ended without a word (SIGKILL, out of memory?)"})
+    # The end of stdin with no close: the training process ended without ending the run (killed by SIGKILL or the
+    # OOM killer, most likely; or its calls were cut off).
+    why = "the training process ended without ending the run (killed by SIGKILL or out of memory?)"
+    tell(say=f"{header['run_dir']}: {why}: sending what it logged and marking the MLflow run KILLED")
+    writer.close("KILLED", {KILLED_TAG: why})
     return 0
 
 

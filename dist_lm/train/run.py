@@ -126,14 +126,19 @@ def build_run(cfg: RunConfig) -> Run:
         restore_training_state(parallel, param_names, ckpt, resume_from, rank)
         start_step, run_id = ckpt.state["step"], ckpt.state.get("mlflow_run_id")
     logger = open_logger(cfg, accelerator, start_step, run_id, model.num_parameters())
-    meter = Throughput(cfg.tokens_per_step(world), flops_per_token(cfg.model), peak_flops(accelerator.device), world)
-    meter.reset(start_step)
-    stop = StopCheck(time_limit_s=time_limit_s(t.time_limit, accelerator), check_every=t.stop_check_steps,
-                     group=host_group(t.stall_timeout_s), world_size=world,
-                     first_save_bytes=12 * model.num_parameters())  # fp32 weights and two AdamW moments
-    run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, batches=batches, eval_batches=eval_batches,
-              model=parallel, param_names=param_names, logger=logger, meter=meter, stop=stop, start_step=start_step,
-              step=start_step, system=system_metrics(cfg, accelerator, stop.group))
+    try:  # from here the logger holds an MLflow run: a failure ends it FAILED, with the error
+        meter = Throughput(cfg.tokens_per_step(world), flops_per_token(cfg.model), peak_flops(accelerator.device),
+                           world)
+        meter.reset(start_step)
+        stop = StopCheck(time_limit_s=time_limit_s(t.time_limit, accelerator), check_every=t.stop_check_steps,
+                         group=host_group(t.stall_timeout_s), world_size=world,
+                         first_save_bytes=12 * model.num_parameters())  # fp32 weights and two AdamW moments
+        run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, batches=batches, eval_batches=eval_batches,
+                  model=parallel, param_names=param_names, logger=logger, meter=meter, stop=stop,
+                  start_step=start_step, step=start_step, system=system_metrics(cfg, accelerator, stop.group))
+    except BaseException as exc:
+        logger.close("FAILED", step=start_step, error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
     logger.say(start_line(run))
     run.started_at = time.perf_counter()
     return run

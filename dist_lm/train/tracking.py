@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,19 +54,6 @@ class NullTracker:
 
     def open(self) -> str | None:
         return None
-
-    def _experiment_id(self) -> str:
-        """The experiment's id, created if the store has none of that name (by this process or, at the same moment,
-        by another run's: a server answers that one RESOURCE_ALREADY_EXISTS)."""
-        exp = self._client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self._client.create_experiment(self.experiment)
-        except Exception as exc:
-            if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self._client.get_experiment_by_name(self.experiment).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -113,10 +101,10 @@ class MlflowTracker(NullTracker):
         `mark_running` is False, as backfill wants); returns its id. Idempotent once it succeeded."""
         if self._opened:
             return self.run_id
+        from mlflow.tracking import MlflowClient  # its import (a second or so) before the lock, not under it
+
         with store_lock(self.uri):
             if self._client is None:
-                from mlflow.tracking import MlflowClient
-
                 self._client = MlflowClient(tracking_uri=self.uri)
             if self.run_id is None:
                 exp_id = self._experiment_id()
@@ -128,6 +116,19 @@ class MlflowTracker(NullTracker):
                 self._reopened = True
         self._opened = True
         return self.run_id
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, created if the store has none of that name (by this process or, at the same moment,
+        by another run's: a server answers that one RESOURCE_ALREADY_EXISTS)."""
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self._client.create_experiment(self.experiment)
+        except Exception as exc:
+            if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self._client.get_experiment_by_name(self.experiment).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -193,9 +194,24 @@ def store_lock(uri: str) -> Iterator[None]:
     if path is None or not path.parent.is_dir():
         yield  # no directory: MLflow's own error says so, retried by the writer like any other
         return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+    lock = path.with_name(path.name + ".lock")
+    try:
+        # read-only, created world-writable: another user of a shared store can take the lock made by the first
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        warnings.warn(f"cannot open {lock} ({exc.strerror}): opening the MLflow store without it (runs starting "
+                      "at the same moment on a new store may race)", RuntimeWarning, stacklevel=3)
         yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or by the kernel if this process dies
+        except OSError as exc:  # a filesystem without locks (some network or FUSE mounts)
+            warnings.warn(f"cannot lock {lock} ({exc.strerror}): opening the MLflow store without the lock",
+                          RuntimeWarning, stacklevel=3)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_run_file(run_dir: Path, tracker: MlflowTracker) -> None:

@@ -47,3 +47,18 @@ def test_the_writer_process_reads_nan_and_infinite_values_and_odd_params(tmp_pat
     assert run.data.params["run_dir"] == str(tmp_path) and run.data.params["data.splits"] == "['train', 'val']"
     values = [m.value for m in MlflowClient(uri).get_metric_history(writer.run_id, "train/loss")]
     assert len(values) == 2 and values[0] != values[0] and values[1] >= 1.7e308  # the store keeps inf as the top float
+
+
+def test_a_process_forked_from_the_trainer_does_not_hold_the_writer_pipe(tmp_path):
+    """The writer learns that its trainer died from the end of the pipe; a forked copy (a data loader worker) that
+    kept the pipe open would put that off until it exits."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    writer = MlflowProcess(MlflowTracker(uri, "writer", "run", open_now=False), run_dir=tmp_path, say=print)
+    pid = os.fork()
+    if pid == 0:  # the forked copy: its end of the pipe must be closed, and nothing it does reaches MLflow
+        writer.submit("rows", [(99, {"train/loss": 9.0})])
+        os._exit(0 if writer._proc.stdin.closed else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    writer.submit("rows", [(1, {"train/loss": 1.0})])
+    assert writer.close("FINISHED") == 0
+    assert [m.step for m in MlflowClient(uri).get_metric_history(writer.run_id, "train/loss")] == [1]
