@@ -20,6 +20,8 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dist_lm.errors import UserError
@@ -84,3 +86,27 @@ def _holder(path: Path) -> str:
         return f"pid {who['pid']} on host {who['host']}, run {who.get('run')!r}, since {who.get('since')}"
     except (OSError, ValueError, KeyError, TypeError):
         return f"its lock file {path} names no holder"
+
+
+@contextmanager
+def take_turns(path: Path) -> Iterator[None]:
+    """Processes of one machine run the block one at a time, through an flock on the file `path` (created empty if
+    missing, kept after). The file opens read-only and is created world-writable, so another user of a shared
+    directory can take it too; a file that cannot be opened, or a filesystem without locks, warns and runs the
+    block unlocked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        warnings.warn(f"cannot open the lock file {path} ({exc.strerror}); going on without it", RuntimeWarning,
+                      stacklevel=3)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or by the kernel if this process dies
+        except OSError as exc:  # a filesystem without locks (some network or FUSE mounts)
+            warnings.warn(f"cannot lock {path} ({exc.strerror}); going on without the lock", RuntimeWarning,
+                          stacklevel=3)
+        yield
+    finally:
+        os.close(fd)

@@ -49,7 +49,6 @@ class MlflowProcess:
 
     def __init__(self, tracker: MlflowTracker, *, run_dir: Path, say: Callable[[str], None], flush_s: float = 5.0,
                  close_timeout_s: float = 8.0) -> None:
-        self.uri = tracker.uri
         self.run_id = tracker.run_id  # the run to continue, until the child names the one it opened
         self.run_dir = run_dir
         self._say = say

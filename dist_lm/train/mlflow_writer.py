@@ -67,11 +67,8 @@ class MlflowWriter:
         self._thread.start()
 
     def submit(self, kind: str, payload: Any) -> None:
-        """Queue one call: ("params", dict), ("tags", dict), ("artifact", path), ("rows", [(step, metrics)]), a row
-        possibly stamped already: (step, metrics, time_ms)."""
-        if kind == "rows":  # stamped now: a metric's time is when its step ran, not when MLflow took it
-            now = int(time.time() * 1000)
-            payload = [(row[0], row[1], row[2] if len(row) > 2 else now) for row in payload]
+        """Queue one call: ("params", dict), ("tags", dict), ("artifact", path), ("rows", [(step, metrics, time_ms)]):
+        rows stamped by the training process when their step ran (MlflowProcess.submit), not when MLflow took them."""
         with self._wake:
             self._ops.append((kind, payload))
             if kind == "rows":

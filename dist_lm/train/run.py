@@ -14,7 +14,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import fcntl
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -48,6 +47,7 @@ from dist_lm.train.checkpoint import (
     resolve_resume,
     set_rng_state,
 )
+from dist_lm.train.lock import take_turns
 from dist_lm.train.logger import RunLogger
 from dist_lm.train.metrics import Throughput, flops_per_token, peak_flops
 from dist_lm.train.provenance import code_tags, device_tags, processes_per_machine
@@ -207,8 +207,7 @@ def prepare_bundled(cfg: RunConfig, data_dir: Path) -> None:
     on one data_dir (a sweep, two jobs) take turns through a lock file beside it, and the second finds the shards."""
     d = cfg.data
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(data_dir.with_name(f".{data_dir.name}.prepare.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+    with take_turns(data_dir.with_name(f".{data_dir.name}.prepare.lock")):
         if (data_dir / "manifest.json").exists():
             return
         tqdm.write(f"preparing token shards of {d.source} in {data_dir} ...")

@@ -17,16 +17,16 @@ Design decisions:
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from dist_lm.train.lock import take_turns
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
@@ -194,24 +194,8 @@ def store_lock(uri: str) -> Iterator[None]:
     if path is None or not path.parent.is_dir():
         yield  # no directory: MLflow's own error says so, retried by the writer like any other
         return
-    lock = path.with_name(path.name + ".lock")
-    try:
-        # read-only, created world-writable: another user of a shared store can take the lock made by the first
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError as exc:
-        warnings.warn(f"cannot open {lock} ({exc.strerror}): opening the MLflow store without it (runs starting "
-                      "at the same moment on a new store may race)", RuntimeWarning, stacklevel=3)
+    with take_turns(path.with_name(path.name + ".lock")):
         yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or by the kernel if this process dies
-        except OSError as exc:  # a filesystem without locks (some network or FUSE mounts)
-            warnings.warn(f"cannot lock {lock} ({exc.strerror}): opening the MLflow store without the lock",
-                          RuntimeWarning, stacklevel=3)
-        yield
-    finally:
-        os.close(fd)
 
 
 def write_run_file(run_dir: Path, tracker: MlflowTracker) -> None:
