@@ -35,7 +35,8 @@ setup(
         # Test oracles: tiktoken and tokenizers (tokenizer), transformers (HF Llama baseline and export).
         # nbclient, nbformat, ipykernel: tests/integration/test_notebook.py runs notebooks/quickstart.ipynb in a
         # kernel; matplotlib draws its loss curve (mlflow brings it today; the notebook imports it directly).
-        "dev": ["pytest>=8.0", "ruff>=0.6", "tiktoken>=0.7", "tokenizers>=0.20", "transformers>=4.45",
-                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
+        # pytest-xdist: `pytest -n 8 tests/gpu` compiles the GPU tests' kernels on several cores at once.
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "tiktoken>=0.7", "tokenizers>=0.20",
+                "transformers>=4.45", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
     },
 )

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,40 @@ def launch(overrides: list[str], *, accelerate_config: str | None = "single.yaml
                str(ACCELERATE_CONFIGS / accelerate_config), *script]
     full_env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# a run that goes on until something stops it, logging every step
+LONG = ("train.max_steps=100000", "optim.cosine_steps=100000", "train.log_interval=1", "train.eval_interval=100000",
+        "checkpoint.interval=100000")
+
+
+def start(run_dir: Path, data: Path, *extra: str, accelerate_config: str | None = None,
+          own_session: bool = False) -> subprocess.Popen:
+    """The trainer in the background on a tiny run: `python launch/train.py` (the worker itself, so that a signal
+    reaches it), or through `accelerate launch`; own_session: in a process group of its own (its pid is the
+    group's), as a shell runs a job."""
+    script = [str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+              *tiny_run(run_dir, data, *extra)]
+    cmd = [sys.executable, *script] if accelerate_config is None else [
+        sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+        str(ACCELERATE_CONFIGS / accelerate_config), *script]
+    env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=own_session)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until metrics.jsonl has logged `step` (the run is past start-up and training)."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                 if line.endswith("}")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} in {timeout} s")
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -5,41 +5,14 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, checkout_env, launch, ok, tiny_run
+from conftest import LONG, ROOT, checkout_env, launch, ok, start, tiny_run, wait_for_step
 
 from dist_lm.cli import EXIT_STOPPED
 from dist_lm.train.compare import collect_runs, loss_figure, plot_series
 from dist_lm.train.tracking import MlflowTracker
-
-LONG = ("train.max_steps=100000", "optim.cosine_steps=100000", "train.log_interval=1", "train.eval_interval=100000",
-        "checkpoint.interval=100000")
-
-
-def start(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
-    """The trainer in the background, `python launch/train.py` (the worker itself, so a signal reaches it)."""
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           *tiny_run(run_dir, data, *extra)]
-    env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until metrics.jsonl has logged `step` (the run is past start-up and training)."""
-    deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
-                                 if line.endswith("}")):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} in {timeout} s")
 
 
 def test_table_and_plot_from_a_real_store(tmp_path):

@@ -7,44 +7,15 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ACCELERATE_CONFIGS, ROOT, checkout_env, launch, ok, step_losses, tiny_run
+from conftest import LONG, launch, ok, start, step_losses, tiny_run, wait_for_step
 
 from dist_lm.cli import EXIT_STALLED, EXIT_STOPPED
 from dist_lm.train.checkpoint import list_checkpoints
-
-LONG = ("train.max_steps=100000", "optim.cosine_steps=100000", "train.log_interval=1", "train.eval_interval=100000",
-        "checkpoint.interval=100000")
-
-
-def start(run_dir: Path, data: Path, *extra: str, accelerate_config: str | None = None) -> subprocess.Popen:
-    """The trainer in the background: `python launch/train.py` (the worker itself), or through `accelerate launch`."""
-    script = [str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-              *tiny_run(run_dir, data, *extra)]
-    cmd = [sys.executable, *script] if accelerate_config is None else [
-        sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-        str(ACCELERATE_CONFIGS / accelerate_config), *script]
-    env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until metrics.jsonl has logged `step` (the run is past start-up and training)."""
-    deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
-                                 if line.endswith("}")):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} in {timeout} s")
 
 
 def workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:

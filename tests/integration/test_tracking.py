@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, checkout_env, launch, ok, step_losses, tiny_run
+from conftest import ROOT, checkout_env, launch, ok, start, step_losses, tiny_run
 
 LONG = ("train.log_interval=5", "train.eval_interval=100000", "checkpoint.interval=100000")
 
@@ -71,12 +71,9 @@ def server(tmp_path):
     srv.kill()
 
 
-def start(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
+def start_job(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
     """launch/train.py in a process group of its own (its pid is the group's), as a shell runs a job."""
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           *tiny_run(run_dir, data, *extra)]
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env={**checkout_env(), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start(run_dir, data, *extra, own_session=True)
 
 
 def writer_process(trainer: subprocess.Popen) -> int:
@@ -109,8 +106,8 @@ def mlflow_run(run_dir: Path) -> str:
 def test_an_outage_in_the_middle_loses_nothing_and_does_not_stop_training(tmp_path, sample_shards, server):
     server.start()
     run = tmp_path / "run"
-    proc = start(run, sample_shards, "train.max_steps=400", "optim.cosine_steps=400", *LONG,
-                 "tracking.enabled=true", f"tracking.tracking_uri={server.uri}")
+    proc = start_job(run, sample_shards, "train.max_steps=400", "optim.cosine_steps=400", *LONG,
+                     "tracking.enabled=true", f"tracking.tracking_uri={server.uri}")
     wait_until(lambda: logged_steps(run) >= 30, proc)
     server.kill()
     down_at = logged_steps(run)
@@ -167,7 +164,7 @@ def test_status_killed_on_a_signal_running_again_when_resumed_then_finished(tmp_
     server.start()
     run = tmp_path / "run"
     tracked = ("tracking.enabled=true", f"tracking.tracking_uri={server.uri}")
-    proc = start(run, sample_shards, "train.max_steps=100000", "optim.cosine_steps=100000", *LONG, *tracked)
+    proc = start_job(run, sample_shards, "train.max_steps=100000", "optim.cosine_steps=100000", *LONG, *tracked)
     wait_until(lambda: logged_steps(run) >= 20 and (run / "mlflow.json").exists(), proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, the MLflow writer process too
     proc.communicate(timeout=120)
@@ -179,8 +176,8 @@ def test_status_killed_on_a_signal_running_again_when_resumed_then_finished(tmp_
     # The writer process reopens the run beside the training process, so RUNNING shows a moment after training goes
     # on (on the 2-core CI VM, more than 10 steps later): the resumed run is long enough to be seen running.
     more = 100
-    resumed = start(run, sample_shards, f"train.max_steps={stopped + more}", "optim.cosine_steps=100000", *LONG,
-                    *tracked, "train.resume=latest")
+    resumed = start_job(run, sample_shards, f"train.max_steps={stopped + more}", "optim.cosine_steps=100000", *LONG,
+                        *tracked, "train.resume=latest")
     wait_until(lambda: client.get_run(run_id).info.status == "RUNNING", resumed)
     assert resumed.wait(timeout=120) == 0
     assert mlflow_run(run) == run_id and client.get_run(run_id).info.status == "FINISHED"
@@ -243,8 +240,8 @@ def test_a_trainer_killed_without_a_word_leaves_its_run_killed_with_what_it_logg
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "run"
-    proc = start(run, sample_shards, "train.max_steps=100000", "optim.cosine_steps=100000", *LONG,
-                 *sqlite_tracking(tmp_path))
+    proc = start_job(run, sample_shards, "train.max_steps=100000", "optim.cosine_steps=100000", *LONG,
+                     *sqlite_tracking(tmp_path))
     wait_until(lambda: logged_steps(run) >= 20 and (run / "mlflow.json").exists(), proc)
     writer = writer_process(proc)
     proc.kill()
@@ -266,8 +263,8 @@ def test_a_dead_writer_process_costs_the_run_nothing_and_backfill_sends_the_rest
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "run"
-    proc = start(run, sample_shards, "train.max_steps=150", "optim.cosine_steps=150", *LONG,
-                 *sqlite_tracking(tmp_path))
+    proc = start_job(run, sample_shards, "train.max_steps=150", "optim.cosine_steps=150", *LONG,
+                     *sqlite_tracking(tmp_path))
     wait_until(lambda: logged_steps(run) >= 20 and (run / "mlflow.json").exists(), proc)
     os.kill(writer_process(proc), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
