@@ -20,6 +20,12 @@ Design decisions:
   inductor's fused kernels replayed as a CUDA graph); its cache is kept per model and reused by later calls of
   the same shape, so the graph is recorded once. The prefill stays eager (its length varies) and goes through
   the model's attention backend (the Triton flash kernel under `auto`). On the CPU everything is eager.
+- The decode step is compiled for static shapes (dynamic=False): one graph per (batch size, cache length), the
+  length rounded up to a multiple of 64. Left to itself, dynamo would turn the second batch size it sees into
+  a dynamic-shape graph that serves every later one, and on an H100 that graph decoded a 124M model at batch 64
+  at 6.5 ms a token against 0.75 ms for batch 1's static graph. Each new shape compiles once (about 20 s at
+  124M), so a server wants few batch sizes; the recompile limit is raised to MAX_DECODE_GRAPHS while
+  generate_batch runs, because with fullgraph=True dynamo raises, not falls back, past its default of 8.
 - The context never exceeds `cfg.seq_len` (RoPE tables and training stop there). A prompt longer than that keeps
   its last seq_len tokens. When a row's context would pass seq_len, it slides: it keeps its last seq_len // 2
   tokens and is prefilled again (the batch is, at that point: one prefill per seq_len // 2 new tokens keeps
@@ -129,6 +135,7 @@ def _decode_logits(model: nn.Module, cache: StaticKVCache, tokens: torch.Tensor)
 
 
 _compiled_decode: Callable | None = None
+MAX_DECODE_GRAPHS = 64  # compiled decode shapes a process may hold (dynamo's recompile limit while decoding)
 # One cache per model for the compiled path: the CUDA graph reads the cache's buffers at fixed addresses, so a
 # later call of the same shape reuses both instead of recording a new graph.
 _static_caches: weakref.WeakKeyDictionary[nn.Module, StaticKVCache] = weakref.WeakKeyDictionary()
@@ -138,7 +145,7 @@ def _compiled_step() -> Callable:
     """_decode_logits compiled once per process (dynamo's cache of it is shared by every call and model)."""
     global _compiled_decode
     if _compiled_decode is None:
-        _compiled_decode = torch.compile(_decode_logits, mode="reduce-overhead", fullgraph=True)
+        _compiled_decode = torch.compile(_decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return _compiled_decode
 
 
@@ -287,24 +294,28 @@ def generate_batch(
 
     was_training = model.training
     model.eval()
+    # room for a compiled graph per decode shape, for this call only (dynamo's default is 8)
+    graph_room = torch._dynamo.config.patch(
+        recompile_limit=max(torch._dynamo.config.recompile_limit, MAX_DECODE_GRAPHS))
     try:
-        # slots rounded up to a multiple of 64: calls of nearby lengths share one compiled graph
-        max_len = min(window, -(-(max(map(len, contexts)) + max_new_tokens) // 64) * 64)
-        decoder = (_CachedDecoder if use_cache else _UncachedDecoder)(model, len(prompts), max_len, compiled)
-        remaining = max_new_tokens
-        while remaining and not all(rows.stopped):
-            # 1) as many tokens as the fullest live row has room for (its last one needs no slot of its own)
-            room = min(window - len(c) + 1 for c, done in zip(contexts, rows.stopped) if not done)
-            before = [len(o) for o in rows.outputs]
-            done = _segment(decoder, contexts, min(remaining, room), sample, rows, sync_every, device)
-            remaining -= done
-            # 2) contexts grow by what was decoded; a full one slides; a finished row shrinks to one token
-            for i, context in enumerate(contexts):
-                context += rows.outputs[i][before[i]:]
-                if rows.stopped[i]:
-                    contexts[i] = context[-1:]
-                elif len(context) > window:
-                    contexts[i] = context[-max(1, window // 2):]
+        with graph_room:
+            # slots rounded up to a multiple of 64: calls of nearby lengths share one compiled graph
+            max_len = min(window, -(-(max(map(len, contexts)) + max_new_tokens) // 64) * 64)
+            decoder = (_CachedDecoder if use_cache else _UncachedDecoder)(model, len(prompts), max_len, compiled)
+            remaining = max_new_tokens
+            while remaining and not all(rows.stopped):
+                # 1) as many tokens as the fullest live row has room for (its last one needs no slot of its own)
+                room = min(window - len(c) + 1 for c, done in zip(contexts, rows.stopped) if not done)
+                before = [len(o) for o in rows.outputs]
+                done = _segment(decoder, contexts, min(remaining, room), sample, rows, sync_every, device)
+                remaining -= done
+                # 2) contexts grow by what was decoded; a full one slides; a finished row shrinks to one token
+                for i, context in enumerate(contexts):
+                    context += rows.outputs[i][before[i]:]
+                    if rows.stopped[i]:
+                        contexts[i] = context[-1:]
+                    elif len(context) > window:
+                        contexts[i] = context[-max(1, window // 2):]
     finally:
         model.train(was_training)
     return rows.outputs

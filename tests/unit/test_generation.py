@@ -244,3 +244,14 @@ def test_empty_batch_and_zero_tokens(model):
     assert generate_batch(model, RAGGED, 0) == [[] for _ in RAGGED]
     with pytest.raises(UserError, match="^the prompt is empty"):
         generate_batch(model, [[1], []], 3)
+
+
+def test_compiled_decode_keeps_a_graph_per_shape_past_dynamo_recompile_limit(model):
+    """The decode step compiles one static graph per (batch, cache length): more shapes than dynamo's recompile
+    limit must still decode (with fullgraph=True dynamo raises past it), and give the eager path's tokens."""
+    prompts = [[5, 9, 2], [1, 7], [4, 4, 4, 4]]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for batch in (1, 2, 3):  # three shapes on a limit of one
+            got = generate_batch(model, prompts[:batch], 6, temperature=0, compile=True)
+            assert got == generate_batch(model, prompts[:batch], 6, temperature=0, compile=False)
+        assert torch._dynamo.config.recompile_limit == 1  # the raised limit was for the call only
