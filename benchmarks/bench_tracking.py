@@ -167,6 +167,26 @@ def measure(shape: str, args, work: Path) -> list[dict]:
     return rows
 
 
+def targets_of(rows: list[dict]) -> list[dict]:
+    """The issue's target (cost <= 1%) per shape and mode, judged against the noise the runs show: with one run per
+    mode there is no noise figure, and where one mode's runs spread wider than the target, no verdict either."""
+    out = []
+    for r in rows:
+        if r["overhead"] is None:
+            continue
+        same_shape = [q["runs"] for q in rows if q["shape"] == r["shape"]]
+        if min(map(len, same_shape)) < 2:
+            note, met = "one run per mode: no noise figure", None
+        else:
+            spread = max((max(v) - min(v)) / statistics.mean(v) for v in same_shape)
+            note = f"one mode's runs spread {spread:.1%}"
+            # a verdict only where the runs repeat more closely than the target
+            met = r["overhead"] <= 0.01 if spread <= 0.01 else None
+        out.append({"target": f"tracking ({r['mode']}) costs ≤ 1% of tokens/s at {r['shape']}",
+                    "result": f"{r['overhead']:+.2%} ({note})", "met": met})
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'shape':>6} {'mode':>7} {'tokens/s (mean)':>16} {'cost':>9}  runs (cost: median over repeats of "
           "1 - mode / off)")
@@ -208,9 +228,7 @@ def main() -> None:
         rows += measure(shape, args, work)
     print_table(rows)
     if args.save:
-        targets = [{"target": f"tracking ({r['mode']}) costs ≤ 1% of tokens/s at {r['shape']}",
-                    "result": f"{r['overhead']:+.2%}", "met": r["overhead"] <= 0.01}
-                   for r in rows if r["overhead"] is not None]
+        targets = targets_of(rows)
         write_results(args.save, title="Tracking overhead: the real trainer with MLflow off, sqlite, a local server",
                       hardware=hardware(), versions=package_versions("torch", "triton", "mlflow", "accelerate"),
                       commands=[command_line("benchmarks/bench_tracking.py")], tables={"tracking": rows},

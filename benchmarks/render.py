@@ -302,7 +302,7 @@ def render_block(data: dict) -> str:
             out += [f"*{CAPTIONS.get(kind, kind)}*", ""]
         out += table(kind, rows, data.get("formats"))
     if data.get("targets"):
-        verdicts = {True: "**met**", False: "**NOT met**", None: "not measured"}
+        verdicts = {True: "**met**", False: "**NOT met**", None: "undecided"}
         out += ["", "Targets: " + "; ".join(
             f"{t['target']}: " + (f"{t['result']}, " if t.get("result") else "") + verdicts[t.get("met")]
             for t in data["targets"]) + "."]
@@ -354,7 +354,7 @@ def render_summary(results: dict[str, dict], names: dict[str, str] = SUMMARY) ->
     |---|---|---|---|---|---|
     | The x | t | 1.2x | yes | a CPU, 2026-01-02 | `python benchmarks/x.py` |
     """
-    verdicts = {True: "yes", False: "**no**", None: "not measured"}
+    verdicts = {True: "yes", False: "**no**", None: "undecided"}
     lines = ["| benchmark | target | measured | met | on | to measure again |", "|---|---|---|---|---|---|"]
     for name, label in names.items():
         data = results[name]
