@@ -338,8 +338,6 @@ def _storage_error(code: int, final: Path, files: dict[str, dict[str, torch.Tens
     return error
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading (every path checks the files against state.json before parsing them)
 

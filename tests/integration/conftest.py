@@ -56,14 +56,23 @@ def launch(overrides: list[str], *, accelerate_config: str | None = "single.yaml
            env: dict[str, str] | None = None, config: Path | None = ROOT / "configs" / "demo.yaml",
            timeout: int = 300) -> subprocess.CompletedProcess:
     """Run launch/train.py through `accelerate launch` (or plain python when accelerate_config is None)."""
+    return subprocess.run(trainer_command(overrides, accelerate_config, config), cwd=cwd, env=trainer_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def trainer_command(overrides: list[str], accelerate_config: str | None,
+                    config: Path | None = ROOT / "configs" / "demo.yaml") -> list[str]:
+    """launch/train.py with `overrides`, through `accelerate launch -q` or, when accelerate_config is None, plain
+    python (the worker itself, so that a signal reaches it)."""
     script = [str(ROOT / "launch" / "train.py")] + (["--config", str(config)] if config else []) + overrides
     if accelerate_config is None:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-               str(ACCELERATE_CONFIGS / accelerate_config), *script]
-    full_env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+            str(ACCELERATE_CONFIGS / accelerate_config), *script]
+
+
+def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
 # a run that goes on until something stops it, logging every step
@@ -73,18 +82,12 @@ LONG = ("train.max_steps=100000", "optim.cosine_steps=100000", "train.log_interv
 
 def start(run_dir: Path, data: Path, *extra: str, accelerate_config: str | None = None,
           own_session: bool = False) -> subprocess.Popen:
-    """The trainer in the background on a tiny run: `python launch/train.py` (the worker itself, so that a signal
-    reaches it), or through `accelerate launch`; own_session: in a process group of its own (its pid is the
-    group's), as a shell runs a job."""
-    script = [str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-              *tiny_run(run_dir, data, *extra)]
-    cmd = [sys.executable, *script] if accelerate_config is None else [
-        sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-        str(ACCELERATE_CONFIGS / accelerate_config), *script]
-    env = {**checkout_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    """The trainer in the background on a tiny run (trainer_command); own_session: in a process group of its own
+    (its pid is the group's), as a shell runs a job."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=own_session)
+    return subprocess.Popen(trainer_command(tiny_run(run_dir, data, *extra), accelerate_config), cwd=run_dir.parent,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_session)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
