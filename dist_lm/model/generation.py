@@ -155,7 +155,7 @@ def _graph_cache(model: nn.Module, batch_size: int, max_len: int) -> StaticKVCac
     cache = _static_caches.get(model)
     if cache is None or not cache.matches(batch_size, max_len, weight.dtype, weight.device):
         cache = StaticKVCache.for_model(model, batch_size, max_len)
-        for buf in (cache.k, cache.v, cache.pos, cache.slots):
+        for buf in cache.buffers():
             torch._dynamo.mark_static_address(buf)  # mutated inside the graph: must never move
         _static_caches[model] = cache
     return cache
