@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from dist_lm.config import ModelConfig
 from dist_lm.errors import UserError
 from dist_lm.model import KVCache, TransformerLM, filter_logits, generate, sample_text
-from dist_lm.model.generation import cast_for_inference, generate_batch, sample_tokens
+from dist_lm.model.generation import _decode_logits, cast_for_inference, generate_batch, sample_tokens
 from dist_lm.model.kv_cache import StaticKVCache
 from dist_lm.tokenizer import load_tokenizer
 
@@ -255,3 +256,38 @@ def test_compiled_decode_keeps_a_graph_per_shape_past_dynamo_recompile_limit(mod
             got = generate_batch(model, prompts[:batch], 6, temperature=0, compile=True)
             assert got == generate_batch(model, prompts[:batch], 6, temperature=0, compile=False)
         assert torch._dynamo.config.recompile_limit == 1  # the raised limit was for the call only
+
+
+class _OutputSizes(CustomGraphPass):
+    """An inductor post-grad pass that records the size of every tensor the graph computes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[str, int]] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "call_function" and isinstance(value, torch.Tensor):
+                self.sizes.append((str(node.target), value.numel()))
+
+    def uuid(self) -> None:
+        return None
+
+
+def test_compiled_decode_step_writes_each_layer_in_place():
+    """The compiled decode step never builds a tensor larger than one layer's cache. When the cache was one
+    (layers, ...) block, writing a layer's slice compiled into a copy of the whole block per layer: 6.5 ms a token
+    at batch 64 on an H100, where one layer's write is a few bytes."""
+    cfg = ModelConfig(vocab_size=256, seq_len=1024, d_model=64, num_layers=4, num_heads=4, d_ff=128)
+    model = TransformerLM(cfg).eval()
+    cache = StaticKVCache.for_model(model, batch_size=4, max_len=1024)
+    for buf in cache.buffers():
+        torch._dynamo.mark_static_address(buf)
+    record = _OutputSizes()
+    step = torch.compile(_decode_logits, fullgraph=True, dynamic=False)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False), torch.no_grad():
+        step(model, cache, torch.zeros(4, 1, dtype=torch.long))
+    layer = cache.k[0].numel()  # 4 * 4 * 1024 * 16, larger than every weight of this model
+    assert record.sizes, "the pass saw no graph"
+    assert max(size for _, size in record.sizes) <= layer, sorted(set(record.sizes), key=lambda s: -s[1])[:4]
+    assert cache.pos.tolist() == [1, 1, 1, 1]
