@@ -21,12 +21,12 @@ Design decisions:
   the same shape, so the graph is recorded once. The prefill stays eager (its length varies) and goes through
   the model's attention backend (the Triton flash kernel under `auto`). On the CPU everything is eager.
 - The decode step is compiled for static shapes (dynamic=False): one graph per (batch size, cache length), the
-  length rounded up to a multiple of 64. Left to itself, dynamo turns the second batch size it sees into a
-  dynamic-shape graph that serves every later one (TORCH_LOGS=recompiles shows it), and on an H100, batches 1, 8
-  then 64 of a 124M model decoded at 0.75, 1.1 and 6.5 ms a token, batch 64 with no compile of its own
-  (2026-12-07; static graphs not yet measured there). Each new shape compiles once (about 20 s at
-  124M), so a server wants few batch sizes; the recompile limit is raised to MAX_DECODE_GRAPHS while
-  generate_batch runs, because with fullgraph=True dynamo raises, not falls back, past its default of 8.
+  length rounded up to a multiple of 64. Left to itself, dynamo turns the second batch size it sees into one
+  dynamic-shape graph for every later one (TORCH_LOGS=recompiles shows it); static graphs are the ones CUDA graphs
+  and inductor's autotuning are best at. (With static graphs an H100 still took 6.5 ms a decode step at batch 64; the
+  cause was the cache's layout, see kv_cache.py.) Each new shape compiles once (about 15 s at 124M), so a server
+  wants few batch sizes; the recompile limit is raised to MAX_DECODE_GRAPHS while generate_batch runs, because
+  with fullgraph=True dynamo raises, not falls back, past its default of 8.
 - The context never exceeds `cfg.seq_len` (RoPE tables and training stop there). A prompt longer than that keeps
   its last seq_len tokens. When a row's context would pass seq_len, it slides: it keeps its last seq_len // 2
   tokens and is prefilled again (the batch is, at that point: one prefill per seq_len // 2 new tokens keeps
