@@ -118,15 +118,20 @@ def train_command(shape: str, mode: str, run_dir: Path, data_dir: Path, steps: i
             "tracking.experiment=bench-tracking", *tracking]
 
 
-def run_once(cmd: list[str], run_dir: Path, skip: int) -> dict:
-    """One training process; its tokens/s over the log intervals after the first `skip`, and its wall time."""
+def train(cmd: list[str], run_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """One training process to its end (stops the benchmark if it fails); the process and its wall time."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=run_dir.parent,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"training failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, time.monotonic() - started
+
+
+def run_once(cmd: list[str], run_dir: Path, skip: int) -> dict:
+    """One training process; its tokens/s over the log intervals after the first `skip`, and its wall time."""
+    proc, wall = train(cmd, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [(r["step"], r["perf/tokens_per_s"]) for r in rows if "perf/tokens_per_s" in r]
     kept = [v for _, v in speeds[skip:]]
@@ -145,14 +150,9 @@ def measure(shape: str, args, work: Path) -> list[dict]:
     try:
         if args.warmup_steps:
             warmup = work / "runs" / f"{shape}-warmup"
-            warmup.parent.mkdir(parents=True, exist_ok=True)
             cmd = train_command(shape, "off", warmup, data_dir, args.warmup_steps, None, args.accelerate_config)
-            started = time.monotonic()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=warmup.parent)
-            if proc.returncode != 0:
-                raise SystemExit(f"warm-up run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                 f"{proc.stderr[-3000:]}")
-            print(f"  {shape:>5} warm-up: {args.warmup_steps} steps, {time.monotonic() - started:.0f} s", flush=True)
+            _, wall = train(cmd, warmup)
+            print(f"  {shape:>5} warm-up: {args.warmup_steps} steps, {wall:.0f} s", flush=True)
             shutil.rmtree(warmup, ignore_errors=True)
         for repeat in range(args.repeats):
             shift = repeat % len(args.modes)
