@@ -11,7 +11,8 @@ over benchmarks/results/NAME.json and running this script updates the README. Th
      "hardware": {"gpu": "NVIDIA H100 80GB HBM3", "gpu_count": 1, "note": "..."}   (or {"cpu": "..."}),
      "versions": {"torch": "2.11.0+cu130", ...}, "commands": ["python benchmarks/..."],
      "tables": {KIND: [row, ...]},              KIND one of TABLES below; a row is a dict of the column keys
-     "targets": [{"target": "...", "result": "...", "met": true | false | null}],
+     "targets": [{"target": "...", "result": "...", "met": true | false | null}],   (a target may name its
+                                                "command", one of commands, where they measure different things)
      "notes": ["..."], "formats": {KEY: FMT}, "source": "..."}
                                                 optional: notes print under the tables, formats override a
                                                 column's format (Column.fmt), source does not print
@@ -208,6 +209,9 @@ def check_results(data: dict, where: str) -> None:
     for key in ("title", "date", "hardware", "versions", "commands", "tables"):
         if key not in data:
             raise ValueError(f"{where}: no {key!r} (format in benchmarks/render.py's docstring)")
+    stray = [t["command"] for t in data.get("targets", []) if "command" in t and t["command"] not in data["commands"]]
+    if stray:
+        raise ValueError(f"{where}: target command(s) {stray} are not among the file's commands")
     unknown = [k for k in data["tables"] if k not in TABLES]
     if unknown:
         raise ValueError(f"{where}: table kind(s) {unknown} unknown; known: {sorted(TABLES)}")
@@ -345,7 +349,8 @@ SUMMARY_MARKER = re.compile(r"<!-- results:summary -->\n.*?<!-- /results:summary
 
 def render_summary(results: dict[str, dict], names: dict[str, str] = SUMMARY) -> str:
     """One table of the targets of the results files `names` (file -> its name in the table): what was promised,
-    what was measured, on what, and the command that measures it again (the file's first).
+    what was measured, on what, and the command that measures it again (the target's own "command" where a file
+    holds several runs, else the file's first).
 
     >>> print(render_summary({"x": {"title": "X", "date": "2026-01-02", "hardware": {"cpu": "a CPU"},
     ...     "commands": ["python benchmarks/x.py"], "targets": [{"target": "t", "result": "1.2x", "met": True}]}},
@@ -362,7 +367,7 @@ def render_summary(results: dict[str, dict], names: dict[str, str] = SUMMARY) ->
         on = f"{hw.get('gpu_count', 1)}x {hw['gpu']}" if hw.get("gpu") else hw.get("cpu", "?")
         for t in data.get("targets", []):
             lines.append(f"| {label} | {t['target']} | {t.get('result', '')} | {verdicts[t.get('met')]} | "
-                         f"{on}, {data['date']} | `{data['commands'][0]}` |")
+                         f"{on}, {data['date']} | `{t.get('command', data['commands'][0])}` |")
     return "\n".join(lines)
 
 

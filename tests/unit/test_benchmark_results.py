@@ -103,6 +103,18 @@ def test_a_results_file_the_renderer_cannot_show_is_refused(tmp_path):
         render.check_results(data, str(path))
 
 
+def test_a_target_names_the_command_that_measures_it_in_the_summary():
+    runs = {"x": {"title": "X", "date": "2026-01-02", "hardware": {"cpu": "a CPU"}, "versions": {}, "tables": {},
+                  "format": render.FORMAT, "commands": ["python b.py --shapes a", "python b.py --shapes b"],
+                  "targets": [{"target": "at a", "met": True},
+                              {"target": "at b", "met": None, "command": "python b.py --shapes b"}]}}
+    rows = render.render_summary(runs, {"x": "X"}).splitlines()[2:]
+    assert rows[0].endswith("`python b.py --shapes a` |") and rows[1].endswith("`python b.py --shapes b` |")
+    runs["x"]["targets"][1]["command"] = "python b.py --shapes c"
+    with pytest.raises(ValueError, match="shapes c"):
+        render.check_results(runs["x"], "x.json")
+
+
 def test_cells_ranges_lists_marks_and_format_overrides():
     rows = [{"pair": "a", "early_abs_diff": {"low": 2.9e-6, "high": 5.6e-5}, "max_abs_diff": 0.448,
              "final_1gpu": [3.2337, 3.2332], "marks": {"pair": "*"}}]
