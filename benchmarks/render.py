@@ -343,7 +343,8 @@ def render_readme(text: str, results: dict[str, dict]) -> str:
 # with its name there; the other files go deeper into one of these (more calls, 4 GPUs, the noise floor, a knob) and
 # stay in benchmarks/README.md.
 SUMMARY = {"train": "Training step, 1 GPU", "attention": "Attention kernel", "optim": "AdamW step",
-           "scaling": "Data parallel, 2 GPUs", "scaling_parity": "Loss parity, 2 GPUs", "tokenizer": "Tokenizer (CPU)"}
+           "generate": "Generation, 1 GPU", "tracking": "MLflow tracking", "scaling": "Data parallel, 2 GPUs",
+           "scaling_parity": "Loss parity, 2 GPUs", "tokenizer": "Tokenizer (CPU)"}
 SUMMARY_MARKER = re.compile(r"<!-- results:summary -->\n.*?<!-- /results:summary -->", re.S)
 
 
