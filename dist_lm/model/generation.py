@@ -23,10 +23,11 @@ Design decisions:
 - The decode step is compiled for static shapes (dynamic=False): one graph per (batch size, cache length), the
   length rounded up to a multiple of 64. Left to itself, dynamo turns the second batch size it sees into one
   dynamic-shape graph for every later one (TORCH_LOGS=recompiles shows it); static graphs are the ones CUDA graphs
-  and inductor's autotuning are best at. (A decode step at 124M on an H100: 0.64 ms at batch 1, 0.96 ms at
-  batch 64, once the cache's layout stopped copying itself; see kv_cache.py.) Each new shape compiles once (about
-  15 s at 124M), so a server wants few batch sizes; the recompile limit is raised to MAX_DECODE_GRAPHS while
-  generate_batch runs, because with fullgraph=True dynamo raises, not falls back, past its default of 8.
+  and inductor's autotuning are best at. (124M on an H100, from tokens/s: 0.64 ms a step at batch 1, 0.96 ms at
+  batch 64, prefill included, once the cache's layout stopped copying itself; see kv_cache.py.) Each new shape
+  compiles once (about 15 s at 124M), so a server wants few batch sizes; the recompile limit is raised to
+  MAX_DECODE_GRAPHS while generate_batch runs, because with fullgraph=True dynamo raises, not falls back, past its
+  default of 8.
 - The context never exceeds `cfg.seq_len` (RoPE tables and training stop there). A prompt longer than that keeps
   its last seq_len tokens. When a row's context would pass seq_len, it slides: it keeps its last seq_len // 2
   tokens and is prefilled again (the batch is, at that point: one prefill per seq_len // 2 new tokens keeps
